@@ -1,0 +1,722 @@
+"""JNFEstimator: Joint Normalizing Flows as a scikit-learn transformer."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from ._inference import (
+    HMCSettings,
+    HMCStats,
+    conditional_log_likelihood,
+    frozen_inference,
+    joint_log_likelihood,
+    pattern_generator,
+    pattern_groups,
+    posterior_latents,
+)
+from ._likelihoods import LIKELIHOODS, make_likelihood
+from ._modules import JNFModule, stage1_loss, stage2_loss
+from ._training import NOISE_KEY, STAGES, StageModule, train_stage
+from ._validation import Layout, ModalityData, rebuild_container, validate_X
+
+__all__ = ["JNFEstimator"]
+
+
+def _resolve_device(device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a torch device; use 'cpu', 'cuda' or 'auto'.") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} was requested but CUDA is not available on this machine; "
+            "use device='cpu' or device='auto'."
+        )
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not supported; use 'cpu', 'cuda' or 'auto'.")
+    return resolved
+
+
+def _per_modality(value, names: Sequence[str], parameter: str, default):
+    """Expand a scalar-or-dict parameter to one value per modality; unknown names are an error."""
+    if not isinstance(value, Mapping):
+        return [value] * len(names)
+    unknown = [k for k in value if k not in names]
+    if unknown:
+        raise ValueError(f"{parameter} names unknown modality {unknown[0]!r}; modalities are {list(names)}.")
+    return [value.get(name, default) for name in names]
+
+
+def _check_widths(value, parameter: str) -> tuple[int, ...]:
+    widths = tuple(value)
+    if not all(isinstance(w, Integral) and not isinstance(w, bool) and w > 0 for w in widths):
+        raise ValueError(f"{parameter} must be a sequence of positive ints; got {value!r}.")
+    return tuple(int(w) for w in widths)
+
+
+def _seeds(random_state, n: int) -> list[int]:
+    """n independent int seeds from ``random_state``; the global RNG is touched only when it is None."""
+    base = check_random_state(random_state).randint(np.iinfo(np.int32).max)
+    return [int(s) for s in np.random.SeedSequence(base).generate_state(n)]
+
+
+class JNFEstimator(TransformerMixin, BaseEstimator):
+    """Joint Normalizing Flows: a multimodal VAE with flow-enriched unimodal posteriors.
+
+    JNF learns one latent space shared by several modalities (views) of the same samples.
+    Stage 1 trains a joint VAE on all modalities; stage 2 freezes it and trains one encoder per
+    modality, enriched by a normalizing flow, to match the joint posterior. Any subset of
+    modalities then gives a posterior: the joint encoder (all of them), one flow expert (one),
+    or the product of experts sampled by Hamiltonian Monte Carlo (the rest).
+
+    Parameters
+    ----------
+    modalities : dict or None, default=None
+        For 2-D array or DataFrame input: ``{name: spec}``, spec an int width (consecutive
+        columns in dict order), a list of column indices, or a list of column names. ``None``
+        with 2-D input means one modality ``"x0"``. Leave ``None`` for dict / SliceDict input.
+    latent_dim : int, default=10
+        Dimension D of the shared latent space.
+    hidden_sizes : tuple of int, default=(512, 512)
+        Widths of the encoder MLPs; decoders use them reversed.
+    decoder : {"normal", "laplace", "bernoulli"} or dict, default="normal"
+        Likelihood of each modality (a dict maps names to likelihoods; unnamed ones are normal).
+    decoder_scale : float, "learn" or dict, default="learn"
+        Standard deviation (normal) or scale (laplace). ``"learn"`` learns one scale per feature
+        in stage 1, initialised at the feature's standard deviation and floored at 1e-3 of it.
+        It is the default because a fixed scale of 1.0 on features of small spread makes the
+        reconstruction term too weak and the latent collapses; a learned scale adapts to raw,
+        standardised or [0, 1] features alike.
+    rescale_likelihoods : bool or dict, default=False
+        Weights of the stage-1 reconstruction terms: ``True`` weights each modality by
+        (largest width / its width); a dict gives the weights.
+    beta : float, default=1.0
+        Weight of the KL term in stage 1.
+    flow : {"maf", "realnvp"}, default="maf"
+        Flow family of the unimodal posteriors.
+    n_flow_blocks : int, default=2
+        Flow blocks per modality; 0 gives Gaussian experts.
+    flow_hidden_sizes : tuple of int, default=(128, 128, 128)
+        Hidden widths of each flow block's network.
+    joint_epochs, flow_epochs : int, default=100
+        Epochs of stage 1 (joint VAE) and stage 2 (experts and flows).
+    batch_size : int, default=64
+    lr : float, default=1e-3
+        Adam learning rate of both stages.
+    validation_fraction : float, default=0.1
+        Fraction of complete rows held out to select each stage's best epoch.
+    early_stopping : bool, default=False
+        Stop a stage after 10 epochs without improvement.
+    cond_mod : str, list of str or None, default=None
+        Default conditioning modalities of transform and co; None uses every observed one.
+    latent : {"mean", "sample"}, default="mean"
+        What ``transform`` returns: the posterior mean or one posterior draw.
+    n_mcmc_steps : int, default=20
+        HMC iterations for subsets of 2..M-1 modalities (the first half is burn-in).
+    n_leapfrog : int, default=5
+        Leapfrog steps per HMC iteration.
+    step_size : "auto" or float, default="auto"
+        HMC step: adapted per row during burn-in towards acceptance 0.75, or fixed.
+    n_posterior_samples : int, default=16
+        Draws averaged for a one-modality posterior mean, and HMC chains per row for a subset.
+    n_importance_samples : int, default=100
+        Importance samples K of ``score_samples``.
+    device : {"cpu", "cuda", "auto"}, default="cpu"
+    random_state : int, RandomState instance or None, default=None
+        Seeds initialisation, the validation split, training noise and inference noise.
+    verbose : int, default=0
+        1 prints each stage's epochs (train / validation loss).
+
+    Attributes
+    ----------
+    modality_names_ : list of str
+    modality_dims_ : dict of str to int
+    n_features_in_ : int
+        Number of features seen in fit (all modalities).
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Defined only when X is a DataFrame with string column names.
+    module_ : torch.nn.Module
+        The trained networks.
+    history_ : dict
+        ``{"joint": ..., "flows": ...}``, each with per-epoch ``train_loss`` / ``valid_loss``
+        and the ``best_epoch`` whose weights were kept.
+    n_rows_dropped_ : int
+        Rows left out of training because a modality was missing.
+    hmc_acceptance_ : float or None
+        Acceptance rate of the last call that ran HMC.
+    hmc_step_size_ : float or None
+        Mean adapted step size of the last call that ran HMC.
+
+    See Also
+    --------
+    sklearn.decomposition.PCA, sklearn.decomposition.FactorAnalysis
+
+    References
+    ----------
+    .. [1] A. Senellart and S. Allassonnière, "Learning multimodal latent generative models
+       with energy-based prior", arXiv:2502.03952; "Improving multimodal joint variational
+       autoencoders through normalizing flows and correlation analysis", arXiv:2305.11832.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skjnf import JNFEstimator
+    >>> rng = np.random.default_rng(0)
+    >>> z = rng.normal(size=(200, 2))
+    >>> X = {"a": z @ rng.normal(size=(2, 5)), "b": z @ rng.normal(size=(2, 3))}
+    >>> jnf = JNFEstimator(latent_dim=2, hidden_sizes=(32,), joint_epochs=5, flow_epochs=5,
+    ...                    random_state=0).fit(X)
+    >>> jnf.transform(X).shape
+    (200, 2)
+    >>> jnf.transform({"b": X["b"]}).shape
+    (200, 2)
+    """
+
+    _parameter_constraints: dict = {
+        "modalities": [None, dict],
+        "latent_dim": [Interval(Integral, 1, None, closed="left")],
+        "hidden_sizes": [list, tuple],
+        "decoder": [StrOptions(set(LIKELIHOODS)), dict],
+        "decoder_scale": [Interval(Real, 0, None, closed="neither"), StrOptions({"learn"}), dict],
+        "rescale_likelihoods": ["boolean", dict],
+        "beta": [Interval(Real, 0, None, closed="left")],
+        "flow": [StrOptions({"maf", "realnvp"})],
+        "n_flow_blocks": [Interval(Integral, 0, None, closed="left")],
+        "flow_hidden_sizes": [list, tuple],
+        "joint_epochs": [Interval(Integral, 0, None, closed="left")],
+        "flow_epochs": [Interval(Integral, 0, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+        "early_stopping": ["boolean"],
+        "cond_mod": [None, str, list, tuple],
+        "latent": [StrOptions({"mean", "sample"})],
+        "n_mcmc_steps": [Interval(Integral, 1, None, closed="left")],
+        "n_leapfrog": [Interval(Integral, 1, None, closed="left")],
+        "step_size": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
+        "n_posterior_samples": [Interval(Integral, 1, None, closed="left")],
+        "n_importance_samples": [Interval(Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        *,
+        modalities=None,
+        latent_dim=10,
+        hidden_sizes=(512, 512),
+        decoder="normal",
+        decoder_scale="learn",
+        rescale_likelihoods=False,
+        beta=1.0,
+        flow="maf",
+        n_flow_blocks=2,
+        flow_hidden_sizes=(128, 128, 128),
+        joint_epochs=100,
+        flow_epochs=100,
+        batch_size=64,
+        lr=1e-3,
+        validation_fraction=0.1,
+        early_stopping=False,
+        cond_mod=None,
+        latent="mean",
+        n_mcmc_steps=20,
+        n_leapfrog=5,
+        step_size="auto",
+        n_posterior_samples=16,
+        n_importance_samples=100,
+        device="cpu",
+        random_state=None,
+        verbose=0,
+    ):
+        self.modalities = modalities
+        self.latent_dim = latent_dim
+        self.hidden_sizes = hidden_sizes
+        self.decoder = decoder
+        self.decoder_scale = decoder_scale
+        self.rescale_likelihoods = rescale_likelihoods
+        self.beta = beta
+        self.flow = flow
+        self.n_flow_blocks = n_flow_blocks
+        self.flow_hidden_sizes = flow_hidden_sizes
+        self.joint_epochs = joint_epochs
+        self.flow_epochs = flow_epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.validation_fraction = validation_fraction
+        self.early_stopping = early_stopping
+        self.cond_mod = cond_mod
+        self.latent = latent
+        self.n_mcmc_steps = n_mcmc_steps
+        self.n_leapfrog = n_leapfrog
+        self.step_size = step_size
+        self.n_posterior_samples = n_posterior_samples
+        self.n_importance_samples = n_importance_samples
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fit
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Run stage 1 (joint VAE) then stage 2 (unimodal experts with flows).
+
+        Parameters
+        ----------
+        X : dict of array-like of shape (n_samples, n_features_m), or array-like of shape \
+                (n_samples, n_features)
+            The modalities; rows with a missing modality are left out (with a warning).
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : JNFEstimator
+        """
+        layout, data, info = validate_X(self, X, fit=True)
+        spec = self._model_spec(layout)
+        blocks, n_dropped = self._complete_rows(data, layout)
+        self._check_bernoulli(blocks, spec)
+        device = _resolve_device(self.device)
+        init_seed, split_seed, seed1, seed2, inference_seed = _seeds(self.random_state, 5)
+        train_rows, valid_rows = self._split(len(next(iter(blocks.values()))), split_seed)
+        data_std = {m: blocks[m][train_rows].std(0, unbiased=False) for m in layout.names}
+        module = _build_module(spec, data_std, init_seed).to(device)
+        train = {m: x[train_rows].to(device) for m, x in blocks.items()}
+        valid = {m: x[valid_rows].to(device) for m, x in blocks.items()} if len(valid_rows) else None
+        history = self._train(module, spec, train, valid, (seed1, seed2), device)
+        # Fitted state is assigned only now: a failed (re)fit leaves the previous one intact.
+        self._layout, self._spec, self._device = layout, spec, device
+        self._inference_seed = inference_seed
+        self.modality_names_ = list(layout.names)
+        self.modality_dims_ = dict(zip(layout.names, layout.dims))
+        self.n_features_in_ = info["n_features_in_"]
+        if info["feature_names_in_"] is not None:
+            self.feature_names_in_ = info["feature_names_in_"]
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        self.n_rows_dropped_ = n_dropped
+        self.history_ = history
+        self.hmc_acceptance_ = None
+        self.hmc_step_size_ = None
+        self.module_ = module
+        return self
+
+    def _model_spec(self, layout: Layout) -> dict:
+        """Everything needed to rebuild the networks (also used by unpickling)."""
+        names = layout.names
+        decoders = _per_modality(self.decoder, names, "decoder", "normal")
+        for name, dist in zip(names, decoders):
+            if dist not in LIKELIHOODS:
+                raise ValueError(f"decoder for modality {name!r} must be one of {sorted(LIKELIHOODS)}; got {dist!r}.")
+        scales = _per_modality(self.decoder_scale, names, "decoder_scale", "learn")
+        for name, scale in zip(names, scales):
+            if not (scale == "learn" or isinstance(scale, Real) and not isinstance(scale, bool) and scale > 0):
+                raise ValueError(f"decoder_scale for modality {name!r} must be a float > 0 or 'learn'; got {scale!r}.")
+        if self.rescale_likelihoods is True:
+            rescale = [max(layout.dims) / d for d in layout.dims]
+        elif isinstance(self.rescale_likelihoods, Mapping):
+            rescale = _per_modality(self.rescale_likelihoods, names, "rescale_likelihoods", 1.0)
+            if not all(isinstance(r, Real) and r > 0 for r in rescale):
+                raise ValueError(f"rescale_likelihoods weights must be positive numbers; got {self.rescale_likelihoods!r}.")
+        else:
+            rescale = [1.0] * len(names)
+        return {
+            "names": list(names),
+            "dims": list(layout.dims),
+            "decoders": decoders,
+            "scales": ["learn" if s == "learn" else float(s) for s in scales],
+            "rescale": [float(r) for r in rescale],
+            "latent_dim": int(self.latent_dim),
+            "hidden_sizes": list(_check_widths(self.hidden_sizes, "hidden_sizes")),
+            "flow": self.flow,
+            "n_flow_blocks": int(self.n_flow_blocks),
+            "flow_hidden_sizes": list(_check_widths(self.flow_hidden_sizes, "flow_hidden_sizes")),
+        }
+
+    def _complete_rows(self, data: ModalityData, layout: Layout) -> tuple[dict, int]:
+        complete = data.observed.all(axis=1)
+        n_dropped = int((~complete).sum())
+        if complete.sum() < 2:
+            raise ValueError(
+                f"JNFEstimator needs at least 2 complete rows (every modality observed) to fit; got "
+                f"{int(complete.sum())} complete row(s) out of n_samples = {data.n_samples}."
+            )
+        if n_dropped:
+            warnings.warn(
+                f"fit left out {n_dropped} of {data.n_samples} rows with a missing modality "
+                "(JNF trains on complete rows).",
+                UserWarning,
+            )
+        rows = torch.from_numpy(np.flatnonzero(complete))
+        return {m: data.blocks[m][rows] for m in layout.names}, n_dropped
+
+    def _check_bernoulli(self, blocks: dict, spec: dict) -> None:
+        for name, dist in zip(spec["names"], spec["decoders"]):
+            x = blocks[name]
+            if dist == "bernoulli" and not bool(((x == 0) | (x == 1)).all()):
+                raise ValueError(f"Modality {name!r} uses decoder='bernoulli' and must hold only 0 and 1 values.")
+
+    def _split(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        n_valid = math.ceil(self.validation_fraction * n)
+        if n_valid == 0 or n - n_valid < 1:
+            if self.validation_fraction > 0:
+                warnings.warn(
+                    f"validation_fraction={self.validation_fraction} leaves no validation set for {n} "
+                    "complete rows; the best epoch is chosen by training loss.",
+                    UserWarning,
+                )
+            return np.arange(n), np.arange(0)
+        order = np.random.default_rng(seed).permutation(n)
+        return np.sort(order[n_valid:]), np.sort(order[:n_valid])
+
+    def _train(self, module: JNFModule, spec: dict, train: dict, valid: dict | None, seeds, device) -> dict:
+        joint_params = [p for part in module.joint_parts() for p in part.parameters()]
+        history = {}
+        try:
+            for stage, epochs, seed in (("joint", self.joint_epochs, seeds[0]), ("flows", self.flow_epochs, seeds[1])):
+                if epochs == 0:
+                    warnings.warn(f"{STAGES[stage]} runs for 0 epochs: its networks stay at initialisation.", UserWarning)
+                if stage == "flows":  # freeze before the first stage-2 forward (jnf_algorithm.md §2.2)
+                    for p in joint_params:
+                        p.requires_grad_(False)
+                        p.grad = None
+                history[stage] = self._train_stage(module, stage, spec, train, valid, epochs, seed, device)
+        finally:
+            for p in joint_params:
+                p.requires_grad_(True)
+        return history
+
+    def _train_stage(self, module, stage, spec, train, valid, epochs, seed, device) -> dict:
+        shuffle_seed, noise_seed, valid_seed = np.random.SeedSequence(seed).generate_state(3)
+        noise_generator = torch.Generator(device=device).manual_seed(int(noise_seed))
+        if stage == "joint":
+            rescale, beta = spec["rescale"], float(self.beta)
+            loss, parts = (lambda m, b, e: stage1_loss(m, b, e, rescale, beta)), module.joint_parts()
+        else:
+            loss, parts = stage2_loss, module.expert_parts()
+        if valid is not None:
+            n_valid = len(next(iter(valid.values())))
+            fixed = torch.Generator(device=device).manual_seed(int(valid_seed))
+            valid = {**valid, NOISE_KEY: torch.randn(n_valid, module.latent_dim, generator=fixed, device=device)}
+        return train_stage(
+            StageModule(module, loss, parts, noise_generator, STAGES[stage]),
+            train,
+            valid,
+            epochs=epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            early_stopping=self.early_stopping,
+            shuffle_generator=torch.Generator().manual_seed(int(shuffle_seed)),
+            verbose=self.verbose,
+        )
+
+    # ------------------------------------------------------------ inference
+    def _conditioning(self, cond_mod) -> np.ndarray:
+        """Boolean mask over modalities from ``cond_mod`` (call argument, else the parameter)."""
+        cond_mod = self.cond_mod if cond_mod is None else cond_mod
+        names = self.modality_names_
+        if cond_mod is None:
+            return np.ones(len(names), dtype=bool)
+        requested = [cond_mod] if isinstance(cond_mod, str) else list(cond_mod)
+        if not requested:
+            raise ValueError("cond_mod is an empty list; name at least one modality or pass None.")
+        for name in requested:
+            if name not in names:
+                raise ValueError(f"Unknown modality {name!r} in cond_mod; known modalities are {names}.")
+        return np.isin(names, requested)
+
+    def _call_seed(self, random_state) -> int:
+        if random_state is None:
+            return self._inference_seed
+        return _seeds(random_state, 1)[0]
+
+    def _hmc_settings(self, n_chains: int | None = None) -> HMCSettings:
+        return HMCSettings(n_chains or self.n_posterior_samples, self.n_mcmc_steps, self.n_leapfrog, self.step_size)
+
+    def _posterior(self, X, cond_mod, n_draws, random_state):
+        """Latents for every row, conditioned per observed pattern: (n, D) or (n_draws, n, D)."""
+        check_is_fitted(self)
+        _, data, _ = validate_X(self, X, fit=False)
+        conditioning = data.observed & self._conditioning(cond_mod)[None, :]
+        empty = np.flatnonzero(~conditioning.any(axis=1))
+        if len(empty):
+            raise ValueError(
+                f"Row(s) {empty[:10].tolist()} observe none of the conditioning modalities "
+                f"{[n for n, c in zip(self.modality_names_, self._conditioning(cond_mod)) if c]}."
+            )
+        seed, D = self._call_seed(random_state), self.latent_dim
+        shape = (data.n_samples, D) if n_draws is None else (n_draws, data.n_samples, D)
+        out, stats = np.empty(shape, dtype=np.float32), HMCStats()
+        with frozen_inference(self.module_):
+            for pattern, rows in pattern_groups(conditioning):
+                cond = [m for m, on in zip(self.modality_names_, pattern) if on]
+                blocks = {m: data.blocks[m][torch.from_numpy(rows)].to(self._device) for m in cond}
+                z = posterior_latents(
+                    self.module_, blocks, cond, n_draws=n_draws, n_mean_samples=self.n_posterior_samples,
+                    hmc=self._hmc_settings(), generator=pattern_generator(seed, pattern, self._device),
+                    stats=stats, rows=rows,
+                )
+                out[..., rows, :] = z.cpu().numpy()
+        self._record_hmc(stats)
+        return data, out
+
+    def _record_hmc(self, stats: HMCStats) -> None:
+        if not stats.n_rows:
+            return
+        self.hmc_acceptance_, self.hmc_step_size_ = stats.acceptance, stats.step_size
+        self._hmc_divergences = stats.n_divergent
+        if abs(stats.acceptance - 0.75) > 0.15:
+            warnings.warn(
+                f"HMC acceptance {stats.acceptance:.2f} is far from its 0.75 target; consider a larger "
+                "n_mcmc_steps (longer adaptation) or step_size='auto'.",
+                UserWarning,
+            )
+        if stats.escaped_rows:
+            warnings.warn(
+                f"HMC chains of row(s) {stats.escaped_rows[:10]} ended far from the origin (|z| > 10): "
+                "the product of experts may be improper for these rows.",
+                UserWarning,
+            )
+
+    def transform(self, X, cond_mod=None):
+        """Latent representation of each row, given its observed conditioning modalities.
+
+        Parameters
+        ----------
+        X : dict of array-like, or array-like of shape (n_samples, n_features)
+            Missing modalities are absent keys or all-NaN rows of a block.
+        cond_mod : str, list of str or None, default=None
+            Modalities to condition on (intersected with those observed in each row).
+
+        Returns
+        -------
+        Z : ndarray of shape (n_samples, latent_dim)
+            Posterior mean (``latent="mean"``) or one posterior draw (``latent="sample"``).
+        """
+        n_draws = None if self.latent == "mean" else 1
+        data, z = self._posterior(X, cond_mod, n_draws, None)
+        z = z if n_draws is None else z[0]
+        return z.astype(data.dtype, copy=False)
+
+    def sample_latent(self, X, n_samples=1, cond_mod=None, random_state=None):
+        """Posterior draws of the latent for each row.
+
+        Returns
+        -------
+        Z : ndarray of shape (n_samples, n_rows, latent_dim)
+        """
+        n_samples = _check_count(n_samples, "n_samples")
+        data, z = self._posterior(X, cond_mod, n_samples, random_state)
+        return z.astype(data.dtype, copy=False)
+
+    def _decode(self, z: np.ndarray, add_noise: bool, seed: int) -> dict[str, np.ndarray]:
+        generator = torch.Generator(device=self._device).manual_seed(seed)
+        latent = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(self._device)
+        out = {}
+        with frozen_inference(self.module_):
+            for name in self.modality_names_:
+                if add_noise:
+                    x = self.module_.decoder_sample(name, latent, generator)
+                else:
+                    x = self.module_.decoder_mean(name, latent)
+                out[name] = x.cpu().numpy()
+        return out
+
+    def predict(self, X, cond_mod=None):
+        """Reconstruct every modality from the conditioning ones (imputes missing modalities).
+
+        Returns
+        -------
+        X_pred : same container type as X
+            Decoder means at the posterior-mean latent of each row.
+        """
+        data, z = self._posterior(X, cond_mod, None, None)
+        decoded = self._decode(z, False, self._inference_seed)
+        decoded = {m: x.astype(data.dtype, copy=False) for m, x in decoded.items()}
+        return rebuild_container(decoded, self._layout, data.container)
+
+    def sample(self, n_samples=1, X=None, cond_mod=None, random_state=None, add_noise=False):
+        """Generate data: from the prior (X None) or conditioned on X's modalities.
+
+        Parameters
+        ----------
+        n_samples : int, default=1
+        X : dict of array-like, array-like or None, default=None
+        cond_mod : str, list of str or None, default=None
+        random_state : int, RandomState instance or None, default=None
+        add_noise : bool, default=False
+            Draw from the likelihood instead of returning its mean.
+
+        Returns
+        -------
+        samples : dict or ndarray
+            X None: n_samples joint draws, as a dict of (n_samples, width) arrays, or one
+            (n_samples, n_features_in_) array when fitted on 2-D input. X given: arrays of shape
+            (n_samples, n_rows, width) per modality (a dict), or (n_samples, n_rows, n_features_in_).
+        """
+        check_is_fitted(self)
+        n_samples = _check_count(n_samples, "n_samples")
+        seed = self._call_seed(random_state)
+        if X is None:
+            generator = torch.Generator().manual_seed(seed)
+            z = torch.randn(n_samples, self.latent_dim, generator=generator).numpy()
+            decoded = self._decode(z, add_noise, seed + 1)
+            container = {"kind": "mapping", "type": dict} if self._layout.columns is None else {"kind": "array"}
+            return rebuild_container(decoded, self._layout, container)
+        data, z = self._posterior(X, cond_mod, n_samples, random_state)
+        decoded = self._decode(z, add_noise, seed + 1)
+        decoded = {m: x.astype(data.dtype, copy=False) for m, x in decoded.items()}
+        if self._layout.columns is None or data.container["kind"] == "mapping":
+            return decoded
+        out = np.empty((n_samples, data.n_samples, self.n_features_in_), dtype=data.dtype)
+        for name, cols in zip(self._layout.names, self._layout.columns):
+            out[..., cols] = decoded[name]
+        return out
+
+    def score_samples(self, X, cond_mod=None):
+        """Estimated log-likelihood of each row.
+
+        Parameters
+        ----------
+        X : dict of array-like, or array-like of shape (n_samples, n_features)
+            Every modality must be observed in every row.
+        cond_mod : str, list of str or None, default=None
+            None: importance-weighted log p(x) with ``n_importance_samples`` draws from the joint
+            posterior. Given: log p(x_T | x_S), S = cond_mod and T = the other modalities, a
+            Monte Carlo average over ``n_importance_samples`` posterior draws given x_S.
+
+        Returns
+        -------
+        log_likelihood : ndarray of shape (n_samples,)
+        """
+        check_is_fitted(self)
+        _, data, _ = validate_X(self, X, fit=False)
+        missing = np.flatnonzero(~data.observed.all(axis=1))
+        if len(missing):
+            raise ValueError(
+                f"score_samples needs every modality observed; row(s) {missing[:10].tolist()} miss some."
+            )
+        if cond_mod is None:
+            generator = torch.Generator(device=self._device).manual_seed(self._inference_seed)
+            blocks = {m: x.to(self._device) for m, x in data.blocks.items()}
+            with frozen_inference(self.module_):
+                log_p = joint_log_likelihood(self.module_, blocks, self.n_importance_samples, generator)
+            return log_p.cpu().numpy()
+        mask = self._conditioning(cond_mod)
+        targets = [m for m, c in zip(self.modality_names_, mask) if not c]
+        if not targets:
+            raise ValueError("cond_mod names every modality; nothing is left to score.")
+        _, draws = self._posterior(X, cond_mod, self.n_importance_samples, None)
+        blocks = {m: data.blocks[m].to(self._device) for m in targets}
+        with frozen_inference(self.module_):
+            log_p = conditional_log_likelihood(
+                self.module_, blocks, targets, torch.from_numpy(draws).to(self._device)
+            )
+        return log_p.cpu().numpy()
+
+    def score(self, X, y=None):
+        """Mean estimated log-likelihood of the rows (higher is better).
+
+        Returns
+        -------
+        score : float
+        """
+        return float(np.mean(self.score_samples(X)))
+
+    def get_feature_names_out(self, input_features=None):
+        """Names of the latent coordinates: ``jnf0 .. jnf{latent_dim-1}``.
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects
+        """
+        check_is_fitted(self)
+        return np.asarray([f"jnf{i}" for i in range(self.latent_dim)], dtype=object)
+
+    # ---------------------------------------------------------- persistence
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_device", None)
+        if "module_" in state:
+            state["module_"] = {k: v.detach().cpu().numpy() for k, v in self.module_.state_dict().items()}
+        if "_layout" in state:
+            layout = state["_layout"]
+            state["_layout"] = {
+                "names": list(layout.names),
+                "dims": list(layout.dims),
+                "columns": None if layout.columns is None else [c.tolist() for c in layout.columns],
+            }
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        if isinstance(state.get("_layout"), dict):
+            layout = state["_layout"]
+            columns = layout["columns"]
+            state["_layout"] = Layout(
+                tuple(layout["names"]),
+                tuple(layout["dims"]),
+                None if columns is None else tuple(np.asarray(c, dtype=np.intp) for c in columns),
+            )
+        weights = state.get("module_")
+        if isinstance(weights, dict):
+            spec = state["_spec"]
+            module = _build_module(spec, {m: torch.ones(d) for m, d in zip(spec["names"], spec["dims"])}, 0)
+            module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+            device = _loaded_device(state.get("device", "cpu"))
+            state["module_"] = module.to(device)
+            state["_device"] = device
+        super().__setstate__(state)
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "module_")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+
+def _loaded_device(device) -> torch.device:
+    """The estimator's device if this machine has it, else CPU (pickles are device-independent)."""
+    try:
+        return _resolve_device(device)
+    except ValueError:
+        warnings.warn(f"device={device!r} is not available here; the model was loaded on CPU.", UserWarning)
+        return torch.device("cpu")
+
+
+def _check_count(value, name: str) -> int:
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
+    return int(value)
+
+
+def _build_module(spec: dict, data_std: dict, seed: int) -> JNFModule:
+    """Build the networks on CPU with a forked, seeded RNG: init never touches the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        likelihoods = [
+            make_likelihood(dist, d, scale, data_std[name])
+            for name, d, dist, scale in zip(spec["names"], spec["dims"], spec["decoders"], spec["scales"])
+        ]
+        return JNFModule(
+            spec["names"], spec["dims"], likelihoods, spec["latent_dim"], spec["hidden_sizes"],
+            spec["flow"], spec["n_flow_blocks"], spec["flow_hidden_sizes"],
+        )

@@ -1,0 +1,279 @@
+"""Turn every accepted X into one internal form: float blocks per modality plus an observed mask."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.base import clone
+from sklearn.utils.validation import check_array, validate_data
+
+__all__ = ["Layout", "ModalityData", "resolve_layout", "validate_X", "rebuild_container"]
+
+_FLOAT_DTYPES = (np.float64, np.float32)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What `fit` learned about the modalities: names, widths and, for 2-D input, columns."""
+
+    names: tuple[str, ...]
+    dims: tuple[int, ...]
+    columns: tuple[np.ndarray, ...] | None = None  # None when fitted on a mapping
+
+    def dim(self, name: str) -> int:
+        return self.dims[self.names.index(name)]
+
+
+@dataclass
+class ModalityData:
+    """Validated input: float32 tensors per present modality, and which rows observe what.
+
+    Rows where a modality is missing hold zeros in its block (never NaN), so that a
+    block can be fed to a network as a whole; ``observed`` says which rows are real.
+    """
+
+    blocks: dict[str, torch.Tensor]
+    observed: np.ndarray  # (n_samples, n_modalities) bool, in layout order
+    dtype: np.dtype
+    container: dict = field(default_factory=dict)  # how to rebuild the user's container
+
+    @property
+    def n_samples(self) -> int:
+        return self.observed.shape[0]
+
+
+def _describe(spec) -> str:
+    return f"{type(spec).__name__} {spec!r}"
+
+
+def resolve_layout(modalities, n_features: int, feature_names) -> tuple[tuple[str, ...], tuple[np.ndarray, ...]]:
+    """Column indices of each modality of a 2-D input, from the ``modalities`` parameter.
+
+    Every column must belong to exactly one modality.
+    """
+    if modalities is None:
+        return ("x0",), (np.arange(n_features),)
+    if not isinstance(modalities, Mapping) or len(modalities) == 0:
+        raise TypeError(
+            "modalities must be None or a non-empty dict {name: spec}, where spec is an int width, "
+            f"a list of column indices or a list of column names; got {_describe(modalities)}."
+        )
+    names, columns, start = [], [], 0
+    for name, spec in modalities.items():
+        if not isinstance(name, str):
+            raise TypeError(f"Modality names must be strings; got {_describe(name)}.")
+        if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+            if spec < 1:
+                raise ValueError(f"Modality {name!r}: width must be >= 1, got {spec}.")
+            idx = np.arange(start, start + int(spec))
+            start += int(spec)
+        elif isinstance(spec, Sequence) and not isinstance(spec, str) or isinstance(spec, np.ndarray):
+            idx = _columns_from_list(name, list(spec), feature_names)
+        else:
+            raise TypeError(
+                f"Modality {name!r}: spec must be an int width, a list of column indices or a list of "
+                f"column names; got {_describe(spec)}."
+            )
+        if len(idx) and (idx.min() < 0 or idx.max() >= n_features):
+            raise ValueError(
+                f"Modality {name!r} refers to columns {idx.tolist()}, but X has {n_features} features."
+            )
+        names.append(name)
+        columns.append(idx)
+    used = np.concatenate(columns)
+    counts = np.bincount(used, minlength=n_features)
+    if (counts > 1).any():
+        raise ValueError(f"Columns {np.flatnonzero(counts > 1).tolist()} belong to several modalities.")
+    if (counts == 0).any():
+        raise ValueError(
+            f"Columns {np.flatnonzero(counts == 0).tolist()} belong to no modality; every column of X "
+            "must be assigned to exactly one modality (select the others out first)."
+        )
+    return tuple(names), tuple(columns)
+
+
+def _columns_from_list(name: str, spec: list, feature_names) -> np.ndarray:
+    if len(spec) == 0:
+        raise ValueError(f"Modality {name!r}: the column list is empty.")
+    if all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in spec):
+        return np.asarray(spec, dtype=np.intp)
+    if all(isinstance(c, str) for c in spec):
+        if feature_names is None:
+            raise ValueError(
+                f"Modality {name!r} is given by column names, which needs a pandas DataFrame with "
+                "string column names."
+            )
+        position = {c: i for i, c in enumerate(feature_names)}
+        unknown = [c for c in spec if c not in position]
+        if unknown:
+            raise ValueError(f"Modality {name!r}: columns {unknown} are not in X's columns.")
+        return np.asarray([position[c] for c in spec], dtype=np.intp)
+    raise TypeError(f"Modality {name!r}: columns must be all ints or all strings; got {spec!r}.")
+
+
+def _check_block(name: str, block, estimator_name: str, dtype=_FLOAT_DTYPES) -> np.ndarray:
+    if sp.issparse(block):
+        raise TypeError(f"Modality {name!r}: sparse input is not supported; pass a dense array.")
+    try:
+        return check_array(
+            block, dtype=dtype, ensure_all_finite="allow-nan", ensure_min_samples=1,
+            input_name=name, estimator=estimator_name,
+        )
+    except ValueError as error:
+        raise ValueError(f"Modality {name!r}: {error}") from error
+
+
+def _observed_rows(name: str, block: np.ndarray) -> np.ndarray:
+    """Rows where the modality is observed; a partly-NaN row is an error."""
+    nan = np.isnan(block)
+    missing = nan.all(axis=1)
+    partial = nan.any(axis=1) & ~missing
+    if partial.any():
+        rows = np.flatnonzero(partial)
+        raise ValueError(
+            f"Modality {name!r} has NaN in only part of its columns in row(s) {rows[:10].tolist()}"
+            f"{' ...' if len(rows) > 10 else ''}. A modality is missing in a row only when all of its "
+            "values are NaN; impute or remove partial NaN values first."
+        )
+    return ~missing
+
+
+def _to_tensor(block: np.ndarray, observed: np.ndarray) -> torch.Tensor:
+    values = np.where(observed[:, None], block, 0.0).astype(np.float32)
+    return torch.from_numpy(values)
+
+
+def validate_X(estimator, X, *, fit: bool):
+    """Validate X (any accepted container) and return ``(layout, ModalityData, info)``.
+
+    At fit time the layout comes from X and the ``modalities`` parameter, and ``info`` holds
+    ``n_features_in_`` and ``feature_names_in_``; afterwards X is checked against the fitted layout.
+    The estimator itself is never modified here.
+    """
+    if sp.issparse(X):
+        raise TypeError(
+            f"{type(estimator).__name__} does not accept sparse input (got {type(X).__name__}); "
+            "pass a dense array, a DataFrame or a dict of dense arrays."
+        )
+    if isinstance(X, Mapping):
+        return _validate_mapping(estimator, X, fit=fit)
+    return _validate_2d(estimator, X, fit=fit)
+
+
+def _validate_2d(estimator, X, *, fit: bool):
+    name = type(estimator).__name__
+    if fit:
+        # validate_data stores n_features_in_ / feature_names_in_ on the object it is given;
+        # a throw-away clone keeps the real estimator untouched until fit succeeds.
+        scratch = clone(estimator)
+        array = validate_data(scratch, X, dtype=_FLOAT_DTYPES, ensure_all_finite="allow-nan", reset=True)
+        feature_names = getattr(scratch, "feature_names_in_", None)
+        names, columns = resolve_layout(estimator.modalities, array.shape[1], feature_names)
+        layout = Layout(names, tuple(len(c) for c in columns), columns)
+        info = {"n_features_in_": scratch.n_features_in_, "feature_names_in_": feature_names}
+    else:
+        layout = estimator._layout
+        if layout.columns is None:
+            raise TypeError(
+                f"This {name} was fitted on a mapping of modalities {list(layout.names)}; "
+                f"pass a dict (or SliceDict) with those keys, not {type(X).__name__}."
+            )
+        array = validate_data(estimator, X, dtype=_FLOAT_DTYPES, ensure_all_finite="allow-nan", reset=False)
+        info = {}
+    blocks, observed = {}, []
+    for modality, cols in zip(layout.names, layout.columns):
+        block = array[:, cols]
+        rows = _observed_rows(modality, block)
+        blocks[modality] = _to_tensor(block, rows)
+        observed.append(rows)
+    container = {"kind": "array"}
+    if hasattr(X, "columns") and hasattr(X, "index"):
+        container = {"kind": "dataframe", "columns": X.columns, "index": X.index}
+    data = ModalityData(blocks, np.stack(observed, axis=1), array.dtype, container)
+    return layout, data, info
+
+
+def _validate_mapping(estimator, X: Mapping, *, fit: bool):
+    name = type(estimator).__name__
+    if len(X) == 0:
+        raise ValueError("X is an empty mapping; it needs at least one modality.")
+    for key in X:
+        if not isinstance(key, str):
+            raise TypeError(f"Modality names (the keys of X) must be strings; got {_describe(key)}.")
+    if fit:
+        modalities = estimator.modalities
+        if modalities is not None and (not isinstance(modalities, Mapping) or set(modalities) != set(X)):
+            raise ValueError(
+                f"With a mapping X, leave modalities=None (the keys of X name the modalities); got "
+                f"modalities with names {list(modalities) if isinstance(modalities, Mapping) else modalities!r} "
+                f"and X with keys {list(X)}."
+            )
+        names = tuple(X)
+    else:
+        layout = estimator._layout
+        unknown = [k for k in X if k not in layout.names]
+        if unknown:
+            raise ValueError(
+                f"Unknown modality {unknown[0]!r} in X; this {name} was fitted with modalities "
+                f"{list(layout.names)}."
+            )
+        names = layout.names
+    arrays, n_rows = {}, {}
+    for modality in names:
+        if modality not in X:
+            continue
+        block = np.asarray(X[modality]) if not hasattr(X[modality], "iloc") else X[modality]
+        if getattr(block, "ndim", 2) != 2:
+            raise ValueError(
+                f"Modality {modality!r} must be a 2-D array of shape (n_samples, n_features); got shape "
+                f"{getattr(block, 'shape', None)}. Reshape a single feature with x.reshape(-1, 1)."
+            )
+        arrays[modality] = _check_block(modality, X[modality], name)
+        n_rows[modality] = arrays[modality].shape[0]
+    if len(set(n_rows.values())) > 1:
+        raise ValueError(f"All modalities must have the same number of rows; got {n_rows}.")
+    if fit:
+        layout = Layout(names, tuple(arrays[m].shape[1] for m in names))
+        info = {"n_features_in_": sum(layout.dims), "feature_names_in_": None}
+    else:
+        info = {}
+        for modality, array in arrays.items():
+            expected = layout.dim(modality)
+            if array.shape[1] != expected:
+                raise ValueError(
+                    f"Modality {modality!r} has {array.shape[1]} features, but {name} is expecting "
+                    f"{expected} features as input for it."
+                )
+    n = next(iter(n_rows.values()))
+    blocks, observed = {}, np.zeros((n, len(layout.names)), dtype=bool)
+    for j, modality in enumerate(layout.names):
+        if modality in arrays:
+            observed[:, j] = _observed_rows(modality, arrays[modality])
+            blocks[modality] = _to_tensor(arrays[modality], observed[:, j])
+    dtype = np.result_type(*[a.dtype for a in arrays.values()])
+    container = {"kind": "mapping", "type": type(X)}
+    return layout, ModalityData(blocks, observed, dtype, container), info
+
+
+def rebuild_container(arrays: dict[str, np.ndarray], layout: Layout, container: dict):
+    """Put per-modality outputs back into the container type the user passed."""
+    if container["kind"] == "mapping":
+        kind = container["type"]
+        try:
+            return kind(arrays)
+        except TypeError:
+            return dict(arrays)
+    n = next(iter(arrays.values())).shape[0]
+    first = next(iter(arrays.values()))
+    out = np.empty((n, sum(layout.dims)), dtype=first.dtype)
+    for modality, cols in zip(layout.names, layout.columns):
+        out[:, cols] = arrays[modality]
+    if container["kind"] == "dataframe":
+        import pandas as pd
+
+        return pd.DataFrame(out, columns=container["columns"], index=container["index"])
+    return out
