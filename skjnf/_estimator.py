@@ -294,8 +294,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         device = _resolve_device(self.device)
         init_seed, split_seed, seed1, seed2, inference_seed = _seeds(self.random_state, 5)
         train_rows, valid_rows = self._split(len(next(iter(blocks.values()))), split_seed)
-        data_std = {m: blocks[m][train_rows].std(0, unbiased=False) for m in layout.names}
-        module = _build_module(spec, data_std, init_seed).to(device)
+        train_blocks = {m: blocks[m][train_rows] for m in layout.names}
+        module = _build_module(spec, train_blocks, init_seed).to(device)
         train = {m: x[train_rows].to(device) for m, x in blocks.items()}
         valid = {m: x[valid_rows].to(device) for m, x in blocks.items()} if len(valid_rows) else None
         history = self._train(module, spec, train, valid, (seed1, seed2), device)
@@ -676,7 +676,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         weights = state.get("module_")
         if isinstance(weights, dict):
             spec = state["_spec"]
-            module = _build_module(spec, {m: torch.ones(d) for m, d in zip(spec["names"], spec["dims"])}, 0)
+            module = _build_module(spec, None, 0)
             module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
             device = _loaded_device(state.get("device", "cpu"))
             state["module_"] = module.to(device)
@@ -688,7 +688,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = True
+        # NaN is accepted only as whole missing modalities, not anywhere: allow_nan stays False.
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
 
@@ -708,15 +708,24 @@ def _check_count(value, name: str) -> int:
     return int(value)
 
 
-def _build_module(spec: dict, data_std: dict, seed: int) -> JNFModule:
-    """Build the networks on CPU with a forked, seeded RNG: init never touches the global RNG."""
+def _build_module(spec: dict, train_blocks: dict | None, seed: int) -> JNFModule:
+    """Build the networks on CPU with a forked, seeded RNG: init never touches the global RNG.
+
+    ``train_blocks`` (training rows) set the data-dependent starts: learned scales at the
+    features' standard deviations, decoder biases at their means. ``None`` (unpickling) builds
+    placeholders that a state dict then overwrites.
+    """
+    names, dims = spec["names"], spec["dims"]
+    if train_blocks is None:
+        train_blocks = {name: torch.zeros(2, d) for name, d in zip(names, dims)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         likelihoods = [
-            make_likelihood(dist, d, scale, data_std[name])
-            for name, d, dist, scale in zip(spec["names"], spec["dims"], spec["decoders"], spec["scales"])
+            make_likelihood(dist, d, scale, train_blocks[name].std(0, unbiased=False))
+            for name, d, dist, scale in zip(names, dims, spec["decoders"], spec["scales"])
         ]
         return JNFModule(
-            spec["names"], spec["dims"], likelihoods, spec["latent_dim"], spec["hidden_sizes"],
+            names, dims, likelihoods, spec["latent_dim"], spec["hidden_sizes"],
             spec["flow"], spec["n_flow_blocks"], spec["flow_hidden_sizes"],
+            data_means=[train_blocks[name].mean(0) for name in names],
         )

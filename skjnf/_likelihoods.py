@@ -32,6 +32,10 @@ class Likelihood(nn.Module):
     def mean(self, a: Tensor) -> Tensor:
         return a
 
+    def natural_parameter(self, mean: Tensor) -> Tensor:
+        """The ``a`` whose mean is ``mean`` (used to start decoders at the data mean)."""
+        return mean
+
     def sample(self, a: Tensor, generator: torch.Generator | None) -> Tensor:
         raise NotImplementedError
 
@@ -84,6 +88,9 @@ class Bernoulli(Likelihood):
 
     def mean(self, a: Tensor) -> Tensor:
         return torch.sigmoid(a)
+
+    def natural_parameter(self, mean: Tensor) -> Tensor:
+        return torch.logit(mean.clamp(1e-3, 1 - 1e-3))
 
     def sample(self, a: Tensor, generator: torch.Generator | None) -> Tensor:
         return torch.bernoulli(torch.sigmoid(a), generator=generator)

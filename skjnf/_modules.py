@@ -98,6 +98,7 @@ class JNFModule(nn.Module):
         flow: str,
         n_flow_blocks: int,
         flow_hidden_sizes: Sequence[int],
+        data_means: Sequence[Tensor] | None = None,
     ):
         super().__init__()
         self.names = tuple(names)
@@ -105,6 +106,12 @@ class JNFModule(nn.Module):
         self.joint_encoder = JointEncoder(dims, hidden_sizes, latent_dim)
         self.decoders = nn.ModuleList(Decoder(latent_dim, hidden_sizes, d) for d in dims)
         self.likelihoods = nn.ModuleList(likelihoods)
+        if data_means is not None:
+            # Decoders start at the data mean: raw features far from 0 (e.g. around 50) need no
+            # thousands of Adam steps just to reach their level.
+            with torch.no_grad():
+                for decoder, likelihood, mean in zip(self.decoders, self.likelihoods, data_means):
+                    decoder.out.bias.copy_(likelihood.natural_parameter(mean))
         self.encoders = nn.ModuleList(UnimodalEncoder(d, hidden_sizes, latent_dim) for d in dims)
         self.flows = nn.ModuleList(
             make_flow(flow, latent_dim, n_flow_blocks, flow_hidden_sizes) for _ in dims

@@ -263,10 +263,12 @@ def rebuild_container(arrays: dict[str, np.ndarray], layout: Layout, container: 
     """Put per-modality outputs back into the container type the user passed."""
     if container["kind"] == "mapping":
         kind = container["type"]
-        try:
-            return kind(arrays)
-        except TypeError:
-            return dict(arrays)
+        for build in (lambda: kind(arrays), lambda: kind(**arrays)):  # dict-like, or SliceDict(**blocks)
+            try:
+                return build()
+            except TypeError:
+                pass
+        return dict(arrays)
     n = next(iter(arrays.values())).shape[0]
     first = next(iter(arrays.values()))
     out = np.empty((n, sum(layout.dims)), dtype=first.dtype)

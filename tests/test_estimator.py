@@ -1,0 +1,192 @@
+"""End-to-end behaviour of JNFEstimator: inputs, outputs, sklearn integration, persistence."""
+
+import pickle
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_views, small_jnf
+from sklearn.base import clone
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, cross_val_score
+from sklearn.pipeline import make_pipeline
+
+from skjnf import JNFEstimator, SliceDict
+
+
+def _as_frame(X):
+    columns = [f"{m}_{i}" for m, block in X.items() for i in range(block.shape[1])]
+    return pd.DataFrame(np.hstack(list(X.values())), columns=columns)
+
+
+def test_dict_dataframe_and_array_inputs_agree(views):
+    X, _, _ = views
+    frame = _as_frame(X)
+    by_names = {m: [c for c in frame.columns if c.startswith(m + "_")] for m in X}
+    by_width = {m: block.shape[1] for m, block in X.items()}
+    by_index = {m: list(range(s, s + w)) for m, s, w in zip(X, np.cumsum([0, 6, 4]), by_width.values())}
+    reference = small_jnf(joint_epochs=3, flow_epochs=3).fit(X).transform(X)
+    for data, modalities in [(frame, by_names), (frame.to_numpy(), by_width), (frame.to_numpy(), by_index)]:
+        jnf = small_jnf(joint_epochs=3, flow_epochs=3, modalities=modalities).fit(data)
+        np.testing.assert_array_equal(jnf.transform(data), reference)
+        assert jnf.modality_names_ == ["a", "b", "c"]
+        assert jnf.modality_dims_ == {"a": 6, "b": 4, "c": 3}
+    assert list(jnf.feature_names_in_) if hasattr(jnf, "feature_names_in_") else True
+
+
+def test_fitted_attributes_and_history(fitted, views):
+    X, _, _ = views
+    assert fitted.n_features_in_ == 13
+    assert fitted.n_rows_dropped_ == 0
+    assert fitted.hmc_acceptance_ is None or 0 <= fitted.hmc_acceptance_ <= 1
+    for stage in ("joint", "flows"):
+        epochs = fitted.history_[stage]["epochs"]
+        assert len(epochs) == 30
+        best = fitted.history_[stage]["best_epoch"]
+        losses = [e["valid_loss"] for e in epochs]
+        assert losses[best - 1] == min(losses)
+    # training improved the joint ELBO
+    joint = fitted.history_["joint"]["epochs"]
+    assert joint[-1]["train_loss"] < joint[0]["train_loss"]
+
+
+def test_output_shapes_and_containers(fitted, views):
+    X, _, _ = views
+    n = len(X["a"])
+    assert fitted.transform(X).shape == (n, 2)
+    assert fitted.transform(X, cond_mod="a").shape == (n, 2)
+    assert fitted.sample_latent(X, n_samples=3, cond_mod=["a", "b"]).shape == (3, n, 2)
+    pred = fitted.predict({"a": X["a"]})
+    assert isinstance(pred, dict) and {k: v.shape for k, v in pred.items()} == {k: v.shape for k, v in X.items()}
+    pred = fitted.predict(SliceDict(**X))
+    assert isinstance(pred, SliceDict)
+    prior = fitted.sample(5)
+    assert {k: v.shape for k, v in prior.items()} == {"a": (5, 6), "b": (5, 4), "c": (5, 3)}
+    cross = fitted.sample(4, X={"b": X["b"][:7]})
+    assert cross["a"].shape == (4, 7, 6)
+    assert fitted.score_samples(X).shape == (n,)
+    np.testing.assert_array_equal(fitted.get_feature_names_out(), ["jnf0", "jnf1"])
+
+
+def test_array_layout_outputs(views):
+    X, _, _ = views
+    frame = _as_frame(X)
+    jnf = small_jnf(joint_epochs=3, flow_epochs=3, modalities={"a": 6, "b": 4, "c": 3}).fit(frame)
+    pred = jnf.predict(frame)
+    assert isinstance(pred, pd.DataFrame) and list(pred.columns) == list(frame.columns)
+    assert jnf.predict(frame.to_numpy()).shape == (len(frame), 13)
+    assert jnf.sample(3).shape == (3, 13)
+    assert jnf.sample(2, X=frame.to_numpy()[:5]).shape == (2, 5, 13)
+    out = jnf.set_output(transform="pandas").transform(frame)
+    assert list(out.columns) == ["jnf0", "jnf1"]
+
+
+def test_cross_modal_prediction_beats_the_mean(fitted, views):
+    X, _, _ = views
+    for cond in ["b", ["b", "c"]]:
+        pred = fitted.predict(X, cond_mod=cond)
+        mse = np.mean((pred["a"] - X["a"]) ** 2)
+        baseline = np.mean((X["a"] - X["a"].mean(0)) ** 2)
+        assert mse < 0.3 * baseline, (cond, mse, baseline)
+
+
+def test_pipeline_to_classifier_beats_chance(views):
+    X, labels, _ = views
+    pipe = make_pipeline(small_jnf(joint_epochs=20, flow_epochs=2), LogisticRegression())
+    scores = cross_val_score(pipe, SliceDict(**X), labels, cv=3)
+    assert scores.mean() > 0.8  # chance is 1/3
+
+
+def test_grid_search_over_slicedict_selects_by_likelihood(views):
+    X, _, _ = views
+    jnf = small_jnf(joint_epochs=60, flow_epochs=1, lr=1e-2, hidden_sizes=(32,))
+    search = GridSearchCV(jnf, {"latent_dim": [1, 2]}, cv=2)
+    search.fit(SliceDict(**X))
+    # the data are two-dimensional: a 2-D latent has the higher held-out likelihood
+    assert search.best_params_ == {"latent_dim": 2}
+    assert np.isfinite(search.cv_results_["mean_test_score"]).all()
+
+
+def test_clone_keeps_params_and_drops_fit(fitted):
+    twin = clone(fitted)
+    assert twin.get_params() == fitted.get_params()
+    assert not hasattr(twin, "module_")
+
+
+@pytest.mark.parametrize("dump", ["pickle", "joblib"])
+def test_persistence_round_trip(fitted, views, tmp_path, dump):
+    X, _, _ = views
+    path = tmp_path / "model"
+    if dump == "pickle":
+        path.write_bytes(pickle.dumps(fitted))
+        loaded = pickle.loads(path.read_bytes())
+    else:
+        joblib.dump(fitted, path)
+        loaded = joblib.load(path)
+    assert all(isinstance(v, np.ndarray) for v in fitted.__getstate__()["module_"].values())
+    for method in ("transform", "score_samples"):
+        np.testing.assert_array_equal(getattr(loaded, method)(X), getattr(fitted, method)(X))
+    np.testing.assert_array_equal(loaded.transform(X, cond_mod="b"), fitted.transform(X, cond_mod="b"))
+    np.testing.assert_array_equal(loaded.predict(X, cond_mod=["a", "c"])["b"], fitted.predict(X, cond_mod=["a", "c"])["b"])
+
+
+def test_skops_round_trip_trusts_only_our_type(fitted, views, tmp_path):
+    skops_io = pytest.importorskip("skops.io")
+    X, _, _ = views
+    path = tmp_path / "model.skops"
+    skops_io.dump(fitted, path)
+    untrusted = skops_io.get_untrusted_types(file=path)
+    assert untrusted == ["skjnf._estimator.JNFEstimator"]
+    loaded = skops_io.load(path, trusted=untrusted)
+    np.testing.assert_array_equal(loaded.transform(X), fitted.transform(X))
+
+
+def test_latent_dim_one_with_three_modalities(views):
+    X, _, _ = views
+    jnf = small_jnf(latent_dim=1, joint_epochs=3, flow_epochs=3).fit(X)
+    for cond in (None, "a", ["a", "b"]):
+        z = jnf.transform(X, cond_mod=cond)
+        assert z.shape == (len(X["a"]), 1) and np.isfinite(z).all()
+
+
+def test_large_mean_data_is_reconstructed():
+    """No output sigmoid: features around 50 are reconstructed (jnf_algorithm.md §1.3)."""
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(200, 1))
+    X = {"a": 50 + z @ rng.normal(size=(1, 3)), "b": 50 + z @ rng.normal(size=(1, 2))}
+    jnf = small_jnf(latent_dim=1, joint_epochs=60, flow_epochs=1, hidden_sizes=(32,)).fit(X)
+    error = np.abs(jnf.predict(X)["a"] - X["a"]).mean()
+    assert error < 0.5 < 0.5 * np.abs(X["a"] - X["a"].mean(0)).mean()
+
+
+def test_bernoulli_modality_predicts_both_values():
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(300, 1))
+    X = {"x": z @ np.ones((1, 3)) + 0.1 * rng.normal(size=(300, 3)), "bits": (z > 0).astype(float) @ np.ones((1, 2))}
+    jnf = small_jnf(latent_dim=1, decoder={"bits": "bernoulli"}, joint_epochs=40, flow_epochs=1, lr=1e-2).fit(X)
+    pred = jnf.predict(X)["bits"]
+    assert ((pred > 0.5) == (X["bits"] > 0.5)).mean() > 0.9
+
+
+def test_default_decoder_scale_gives_a_useful_latent_on_unit_range_data():
+    """With decoder_scale='learn' (default), [0, 1] features do not collapse the latent."""
+    X, labels, _ = make_views(n=300, seed=3)
+    X = {m: (b - b.min(0)) / (b.max(0) - b.min(0)) for m, b in X.items()}
+
+    def probe(z):
+        return LogisticRegression().fit(z, labels).score(z, labels)
+
+    learned = small_jnf(joint_epochs=30, flow_epochs=1).fit(X).transform(X)
+    collapsed = small_jnf(joint_epochs=30, flow_epochs=1, decoder_scale=1.0).fit(X).transform(X)
+    pca = PCA(2).fit_transform(np.hstack(list(X.values())))
+    assert probe(learned) > probe(pca) - 0.03  # as informative as the best linear 2-D view
+    assert probe(learned) > probe(collapsed) + 0.05
+    assert collapsed.std() < 0.1 < learned.std()
+
+
+def test_device_cpu_tensors(fitted):
+    assert all(p.device.type == "cpu" for p in fitted.module_.parameters())
+    assert torch.get_num_threads() == 1
