@@ -8,7 +8,7 @@ import torch
 from conftest import small_jnf
 from skorch.callbacks import regularization
 from sklearn.exceptions import NotFittedError
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import skjnf._estimator as estimator_module
 import skjnf._training as training
@@ -174,14 +174,12 @@ def test_gradients_are_clipped_before_the_step(views, monkeypatch):
         pre_clip.append(float(original(params, max_norm, **kwargs)))
         return pre_clip[-1]
 
-    def step_hook(optimizer, args, kwargs):
+    def step_hook(optimizer, args, kwargs):  # after step(closure): the gradients the step used
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:  # skorch calls step(closure): the hook also fires before the closure runs
-            return
         at_step.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))))
 
     monkeypatch.setattr(regularization, "clip_grad_norm_", record)
-    handle = register_optimizer_step_pre_hook(step_hook)
+    handle = register_optimizer_step_post_hook(step_hook)
     try:
         small_jnf(joint_epochs=2, flow_epochs=1, decoder_scale=1.0).fit(X)
     finally:
