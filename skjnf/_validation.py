@@ -116,8 +116,6 @@ def _columns_from_list(name: str, spec: list, feature_names) -> np.ndarray:
 
 
 def _check_block(name: str, block, estimator_name: str, dtype=_FLOAT_DTYPES) -> np.ndarray:
-    if sp.issparse(block):
-        raise TypeError(f"Modality {name!r}: sparse input is not supported; pass a dense array.")
     try:
         return check_array(
             block, dtype=dtype, ensure_all_finite="allow-nan", ensure_min_samples=1,
@@ -226,11 +224,13 @@ def _validate_mapping(estimator, X: Mapping, *, fit: bool):
     for modality in names:
         if modality not in X:
             continue
-        block = np.asarray(X[modality]) if not hasattr(X[modality], "iloc") else X[modality]
-        if getattr(block, "ndim", 2) != 2:
+        block = X[modality]
+        if sp.issparse(block):
+            raise TypeError(f"Modality {modality!r}: sparse input is not supported; pass a dense array.")
+        if np.ndim(block) != 2:
             raise ValueError(
                 f"Modality {modality!r} must be a 2-D array of shape (n_samples, n_features); got shape "
-                f"{getattr(block, 'shape', None)}. Reshape a single feature with x.reshape(-1, 1)."
+                f"{np.shape(block)}. Reshape a single feature with x.reshape(-1, 1)."
             )
         arrays[modality] = _check_block(modality, X[modality], name)
         n_rows[modality] = arrays[modality].shape[0]
