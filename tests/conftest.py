@@ -42,4 +42,4 @@ def views():
 def fitted(views):
     """One fitted three-modality model shared by read-only tests."""
     X, _, _ = views
-    return small_jnf(joint_epochs=30, flow_epochs=30).fit(X)
+    return small_jnf(joint_epochs=40, flow_epochs=40, lr=1e-2, hidden_sizes=(32,)).fit(X)

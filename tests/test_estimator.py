@@ -44,7 +44,7 @@ def test_fitted_attributes_and_history(fitted, views):
     assert fitted.hmc_acceptance_ is None or 0 <= fitted.hmc_acceptance_ <= 1
     for stage in ("joint", "flows"):
         epochs = fitted.history_[stage]["epochs"]
-        assert len(epochs) == 30
+        assert len(epochs) == 40
         best = fitted.history_[stage]["best_epoch"]
         losses = [e["valid_loss"] for e in epochs]
         assert losses[best - 1] == min(losses)

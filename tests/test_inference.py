@@ -1,0 +1,143 @@
+"""Inference for every conditioning set: flow expert means, HMC subsets, missing-modality patterns."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import small_jnf
+from sklearn.base import clone
+
+from skjnf._flows import _randomize_
+from skjnf._hmc import hmc_sample
+from skjnf._inference import frozen_inference
+
+
+def test_one_modality_mean_is_the_monte_carlo_mean_not_the_flow_image(views):
+    """§7.7: with a non-linear flow, E_q[z] differs from f⁻¹(μ); the estimator returns the former."""
+    X, _, _ = views
+    jnf = small_jnf(joint_epochs=1, flow_epochs=1, n_flow_blocks=2, n_posterior_samples=4096).fit(X)
+    flow = jnf.module_.flows[0]
+    _randomize_(flow, scale=1.0, generator=torch.Generator().manual_seed(3))
+    head = jnf.module_.encoders[0].head
+    with torch.no_grad():  # base N(0.5, 1) for every row: wide enough to feel the flow's curvature
+        for layer, bias in ((head.mean, 0.5), (head.log_var, 0.0)):
+            layer.weight.zero_()
+            layer.bias.fill_(bias)
+    x = {"a": X["a"][:4]}
+    with torch.no_grad():
+        mean, log_var = jnf.module_.expert_posterior("a", torch.tensor(x["a"], dtype=torch.float32))
+        image, _ = flow.inverse(mean)
+        g = torch.Generator().manual_seed(0)
+        u = mean + torch.exp(0.5 * log_var) * torch.randn(100_000, *mean.shape, generator=g)
+        draws, _ = flow.inverse(u.reshape(-1, 2))
+        draws = draws.reshape(100_000, 4, 2)
+    truth, se = draws.mean(0).numpy(), (draws.std(0) / np.sqrt(100_000)).numpy()
+    assert (np.abs(image.numpy() - truth) / se).max() > 10  # the test is not vacuous
+    estimate = jnf.transform(x, cond_mod="a")
+    se_estimate = draws.std(0).numpy() / np.sqrt(4096)
+    assert (np.abs(estimate - truth) / se_estimate).max() < 5
+
+
+def test_rows_are_grouped_by_pattern_with_the_same_result_as_separate_calls(fitted, views):
+    X, _, _ = views
+    X = {m: x[:60].copy() for m, x in X.items()}
+    X["a"][10:30] = np.nan  # rows 10..29 see b, c (HMC)
+    X["b"][30:45] = np.nan
+    X["c"][30:45] = np.nan  # rows 30..44 see a only (flow expert)
+    together = fitted.transform(X)
+    for rows in (slice(0, 10), slice(10, 30), slice(30, 45), slice(45, 60)):
+        part = fitted.transform({m: x[rows] for m, x in X.items()})
+        np.testing.assert_array_equal(together[rows], part)
+    np.testing.assert_array_equal(together[10:30], fitted.transform({m: X[m][10:30] for m in ("b", "c")}))
+
+
+def test_missing_modalities_are_imputed_from_the_observed_ones(fitted, views):
+    X, _, _ = views
+    X = {m: x[:50].copy() for m, x in X.items()}
+    truth = X["a"].copy()
+    X["a"][:20] = np.nan
+    imputed = fitted.predict(X)["a"][:20]
+    np.testing.assert_array_equal(imputed, fitted.predict({m: X[m][:20] for m in ("b", "c")})["a"])
+    assert np.mean((imputed - truth[:20]) ** 2) < 0.3 * np.mean((truth[:20] - truth.mean(0)) ** 2)
+
+
+def test_more_modalities_never_widen_the_posterior(fitted, views):
+    """Posterior spread shrinks along {a} ⊂ {a, b} ⊂ {a, b, c} (product of experts throughout)."""
+    X, _, _ = views
+    X = {m: x[:40] for m, x in X.items()}
+    widths = []
+    for cond in (["a"], ["a", "b"]):
+        draws = fitted.sample_latent(X, n_samples=64, cond_mod=cond, random_state=0)
+        widths.append(draws.var(axis=0).sum(axis=1).mean())
+    module = fitted.module_
+    with frozen_inference(module):  # all three experts: the API would use the joint encoder instead
+        experts = [(*module.expert_posterior(m, torch.tensor(X[m], dtype=torch.float32)), module.flows[j])
+                   for j, m in enumerate("abc")]
+        draws = hmc_sample(experts, 64, 20, 5, "auto", torch.Generator().manual_seed(0)).draws
+    widths.append(draws.var(dim=0).sum(dim=1).mean().item())
+    assert widths[0] >= widths[1] >= widths[2], widths
+    joint = fitted.sample_latent(X, n_samples=64, random_state=0)
+    assert widths[0] >= joint.var(axis=0).sum(axis=1).mean()
+
+
+def test_hmc_diagnostics_are_recorded_by_subset_calls_only(views):
+    X, _, _ = views
+    jnf = small_jnf(joint_epochs=5, flow_epochs=5).fit(X)
+    assert jnf.hmc_acceptance_ is None and jnf.hmc_step_size_ is None
+    jnf.transform(X, cond_mod="a")
+    assert jnf.hmc_acceptance_ is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # short runs may miss the acceptance target
+        jnf.transform(X, cond_mod=["a", "b"])
+    assert 0 < jnf.hmc_acceptance_ <= 1 and jnf.hmc_step_size_ > 0
+
+
+def test_latent_sample_is_one_posterior_draw(fitted, views):
+    X, _, _ = views
+    sampler = clone(fitted).set_params(latent="sample")
+    sampler.__setstate__(fitted.__getstate__())
+    sampler.latent = "sample"
+    for cond in (None, "b", ["a", "c"]):
+        draw = sampler.transform(X, cond_mod=cond)
+        np.testing.assert_array_equal(draw, fitted.sample_latent(X, 1, cond_mod=cond)[0])
+        assert not np.allclose(draw, fitted.transform(X, cond_mod=cond))
+
+
+def test_joint_draws_match_the_joint_posterior(fitted, views):
+    X, _, _ = views
+    X = {m: x[:5] for m, x in X.items()}
+    draws = fitted.sample_latent(X, n_samples=4000, random_state=1)
+    with torch.no_grad():
+        mean, log_var = fitted.module_.joint_posterior({m: torch.tensor(x, dtype=torch.float32) for m, x in X.items()})
+    std = np.exp(0.5 * log_var.numpy())
+    np.testing.assert_array_less(np.abs(draws.mean(0) - mean.numpy()), 5 * std / np.sqrt(4000))
+    np.testing.assert_allclose(draws.std(0), std, rtol=0.1)
+
+
+def test_cross_modal_generation_varies_around_the_prediction(fitted, views):
+    X, _, _ = views
+    x_b = {"b": X["b"][:10]}
+    generated = fitted.sample(200, X=x_b, random_state=0)
+    assert generated["a"].shape == (200, 10, 6)
+    predicted = fitted.predict(x_b)["a"]
+    spread = generated["a"].std(0).mean()
+    assert spread > 0
+    assert np.abs(generated["a"].mean(0) - predicted).mean() < 2 * spread
+    noisy = fitted.sample(200, X=x_b, random_state=0, add_noise=True)
+    assert noisy["a"].std(0).mean() > spread  # likelihood noise adds to the latent spread
+
+
+@pytest.mark.parametrize("cond", [["a", "b"], ["b", "c"]])
+def test_hmc_subset_mean_is_between_the_experts(fitted, views, cond):
+    """The product of two experts sits where both agree: closer to each than they are to each other."""
+    X, _, _ = views
+    X = {m: x[:30] for m, x in X.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        both = fitted.transform(X, cond_mod=cond)
+    single = [fitted.transform(X, cond_mod=m) for m in cond]
+    gap = np.linalg.norm(single[0] - single[1], axis=1).mean()
+    assert all(np.linalg.norm(both - s, axis=1).mean() < gap for s in single)
+    joint = fitted.transform(X)
+    assert np.linalg.norm(both - joint, axis=1).mean() < np.linalg.norm(single[0] - joint, axis=1).mean() + 0.1
