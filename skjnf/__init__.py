@@ -3,6 +3,7 @@
 from skorch.helper import SliceDict
 
 from ._estimator import JNFEstimator
+from ._validation import modalities_from_prefix
 
-__all__ = ["JNFEstimator", "SliceDict"]
+__all__ = ["JNFEstimator", "SliceDict", "modalities_from_prefix"]
 __version__ = "0.1.0"

@@ -83,10 +83,12 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
 
     Parameters
     ----------
-    modalities : dict or None, default=None
+    modalities : dict, "prefix" or None, default=None
         For 2-D array or DataFrame input: ``{name: spec}``, spec an int width (consecutive
-        columns in dict order), a list of column indices, or a list of column names. ``None``
-        with 2-D input means one modality ``"x0"``. Leave ``None`` for dict / SliceDict input.
+        columns in dict order), a list of column indices, or a list of column names.
+        ``"prefix"`` groups DataFrame columns named ``"modality__column"`` (the names a
+        ``ColumnTransformer`` gives with ``set_output(transform="pandas")``). ``None`` with 2-D
+        input means one modality ``"x0"``. Leave ``None`` for dict / SliceDict input.
     latent_dim : int, default=10
         Dimension D of the shared latent space.
     hidden_sizes : tuple of int, default=(512, 512)
@@ -185,7 +187,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
     """
 
     _parameter_constraints: dict = {
-        "modalities": [None, dict],
+        "modalities": [None, dict, StrOptions({"prefix"})],
         "latent_dim": [Interval(Integral, 1, None, closed="left")],
         "hidden_sizes": [list, tuple],
         "decoder": [StrOptions(set(LIKELIHOODS)), dict],

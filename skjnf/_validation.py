@@ -11,7 +11,7 @@ import torch
 from sklearn.base import clone
 from sklearn.utils.validation import check_array, validate_data
 
-__all__ = ["Layout", "ModalityData", "resolve_layout", "validate_X", "rebuild_container"]
+__all__ = ["Layout", "ModalityData", "modalities_from_prefix", "resolve_layout", "validate_X", "rebuild_container"]
 
 _FLOAT_DTYPES = (np.float64, np.float32)
 
@@ -57,9 +57,11 @@ def resolve_layout(modalities, n_features: int, feature_names) -> tuple[tuple[st
     """
     if modalities is None:
         return ("x0",), (np.arange(n_features),)
+    if isinstance(modalities, str) and modalities == "prefix":
+        modalities = modalities_from_prefix(feature_names)
     if not isinstance(modalities, Mapping) or len(modalities) == 0:
         raise TypeError(
-            "modalities must be None or a non-empty dict {name: spec}, where spec is an int width, "
+            "modalities must be None, 'prefix' or a non-empty dict {name: spec}, where spec is an int width, "
             f"a list of column indices or a list of column names; got {_describe(modalities)}."
         )
     names, columns, start = [], [], 0
@@ -94,6 +96,28 @@ def resolve_layout(modalities, n_features: int, feature_names) -> tuple[tuple[st
             "must be assigned to exactly one modality (select the others out first)."
         )
     return tuple(names), tuple(columns)
+
+
+def modalities_from_prefix(columns) -> dict[str, list[str]]:
+    """Group column names ``"name__column"`` by their prefix, as a ``ColumnTransformer`` names them.
+
+    Examples
+    --------
+    >>> modalities_from_prefix(["rna__g1", "rna__g2", "protein__p1"])
+    {'rna': ['rna__g1', 'rna__g2'], 'protein': ['protein__p1']}
+    """
+    if columns is None:
+        raise ValueError(
+            "modalities='prefix' needs a pandas DataFrame with column names 'modality__column' "
+            "(e.g. a ColumnTransformer with set_output(transform='pandas'))."
+        )
+    groups: dict[str, list[str]] = {}
+    for column in columns:
+        prefix, sep, _ = str(column).partition("__")
+        if not sep:
+            raise ValueError(f"Column {column!r} has no 'modality__' prefix; modalities='prefix' needs one on every column.")
+        groups.setdefault(prefix, []).append(column)
+    return groups
 
 
 def _columns_from_list(name: str, spec: list, feature_names) -> np.ndarray:

@@ -190,3 +190,24 @@ def test_default_decoder_scale_gives_a_useful_latent_on_unit_range_data():
 def test_device_cpu_tensors(fitted):
     assert all(p.device.type == "cpu" for p in fitted.module_.parameters())
     assert torch.get_num_threads() == 1
+
+
+def test_column_transformer_output_split_by_prefix(views):
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import StandardScaler
+
+    from skjnf import modalities_from_prefix
+
+    X, labels, _ = views
+    frame = _as_frame(X)
+    columns = {m: [c for c in frame.columns if c.startswith(m + "_")] for m in X}
+    scale = ColumnTransformer([(m, StandardScaler(), cols) for m, cols in columns.items()])
+    pipe = make_pipeline(scale.set_output(transform="pandas"), small_jnf(modalities="prefix", joint_epochs=20, flow_epochs=1))
+    pipe.fit(frame)
+    jnf = pipe[-1]
+    assert jnf.modality_names_ == ["a", "b", "c"] and jnf.modality_dims_ == {"a": 6, "b": 4, "c": 3}
+    z = pipe.transform(frame)
+    assert LogisticRegression().fit(z, labels).score(z, labels) > 0.8
+    assert modalities_from_prefix(["x__1", "y__2", "x__3"]) == {"x": ["x__1", "x__3"], "y": ["y__2"]}
+    with pytest.raises(ValueError, match="'plain' has no 'modality__' prefix"):
+        modalities_from_prefix(["x__1", "plain"])
