@@ -93,8 +93,12 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         Dimension D of the shared latent space.
     hidden_sizes : tuple of int, default=(512, 512)
         Widths of the encoder MLPs; decoders use them reversed.
-    decoder : {"normal", "laplace", "bernoulli"} or dict, default="normal"
-        Likelihood of each modality (a dict maps names to likelihoods; unnamed ones are normal).
+    decoder : str or dict, default="normal"
+        Likelihood of each modality (a dict maps names to likelihoods; unnamed ones are normal):
+        ``"normal"``, ``"laplace"``, ``"bernoulli"`` (0/1 data), ``"categorical"`` (one-hot
+        columns, or one column of integer codes; ``predict`` returns the most probable category,
+        ``predict_probabilities`` the probabilities), ``"poisson"`` or ``"negative_binomial"``
+        (non-negative integer counts; the latter learns one dispersion per feature).
     decoder_scale : float, "learn" or dict, default="learn"
         Standard deviation (normal) or scale (laplace). ``"learn"`` learns one scale per feature
         in stage 1, initialised at the feature's standard deviation and floored at 1e-3 of it.
@@ -139,7 +143,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
     random_state : int, RandomState instance or None, default=None
         Seeds initialisation, the validation split, training noise and inference noise.
     verbose : int, default=0
-        1 prints each stage's epochs (train / validation loss).
+        1 prints each stage's epochs (train / validation loss, skorch's log) and shows a
+        progress bar during HMC; 2 adds a progress bar over each epoch's batches.
 
     Attributes
     ----------
@@ -292,7 +297,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         layout, data, info = validate_X(self, X, fit=True)
         spec = self._model_spec(layout)
         blocks, n_dropped = self._complete_rows(data, layout)
-        self._check_bernoulli(blocks, spec)
+        spec["n_categories"] = _check_likelihood_data(blocks, spec)
         device = _resolve_device(self.device)
         init_seed, split_seed, seed1, seed2, inference_seed = _seeds(self.random_state, 5)
         train_rows, valid_rows = self._split(len(next(iter(blocks.values()))), split_seed)
@@ -366,12 +371,6 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             )
         rows = torch.from_numpy(np.flatnonzero(complete))
         return {m: data.blocks[m][rows] for m in layout.names}, n_dropped
-
-    def _check_bernoulli(self, blocks: dict, spec: dict) -> None:
-        for name, dist in zip(spec["names"], spec["decoders"]):
-            x = blocks[name]
-            if dist == "bernoulli" and not bool(((x == 0) | (x == 1)).all()):
-                raise ValueError(f"Modality {name!r} uses decoder='bernoulli' and must hold only 0 and 1 values.")
 
     def _split(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         n_valid = math.ceil(self.validation_fraction * n)
@@ -471,7 +470,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
                 z = posterior_latents(
                     self.module_, blocks, cond, n_draws=n_draws, n_mean_samples=self.n_posterior_samples,
                     hmc=self._hmc_settings(), generator=pattern_generator(seed, pattern, self._device),
-                    stats=stats, rows=rows,
+                    stats=stats, rows=rows, progress=self.verbose > 0,
                 )
                 out[..., rows, :] = z.cpu().numpy()
         self._record_hmc(stats)
@@ -526,17 +525,20 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         data, z = self._posterior(X, cond_mod, n_samples, random_state)
         return z.astype(data.dtype, copy=False)
 
-    def _decode(self, z: np.ndarray, add_noise: bool, seed: int) -> dict[str, np.ndarray]:
+    def _decode(self, z: np.ndarray, output: str, seed: int, names=None) -> dict[str, np.ndarray]:
+        """Decode latents into each modality's ``output``: "mean", "predict", "probabilities" or "sample"."""
         generator = torch.Generator(device=self._device).manual_seed(seed)
         latent = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(self._device)
-        out = {}
-        with frozen_inference(self.module_):
-            for name in self.modality_names_:
-                if add_noise:
-                    x = self.module_.decoder_sample(name, latent, generator)
-                else:
-                    x = self.module_.decoder_mean(name, latent)
-                out[name] = x.cpu().numpy()
+        module, out = self.module_, {}
+        decode = {
+            "mean": module.decoder_mean,
+            "predict": module.decoder_predict,
+            "probabilities": module.decoder_probabilities,
+            "sample": lambda name, latent: module.decoder_sample(name, latent, generator),
+        }[output]
+        with frozen_inference(module):
+            for name in names or self.modality_names_:
+                out[name] = decode(name, latent).cpu().numpy()
         return out
 
     def predict(self, X, cond_mod=None):
@@ -548,9 +550,28 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             Decoder means at the posterior-mean latent of each row.
         """
         data, z = self._posterior(X, cond_mod, None, None)
-        decoded = self._decode(z, False, self._inference_seed)
+        decoded = self._decode(z, "predict", self._inference_seed)
         decoded = {m: x.astype(data.dtype, copy=False) for m, x in decoded.items()}
         return rebuild_container(decoded, self._layout, data.container)
+
+    def predict_probabilities(self, X, cond_mod=None):
+        """Probabilities of the bernoulli and categorical modalities, given the conditioning ones.
+
+        Returns
+        -------
+        probabilities : dict of str to ndarray
+            For each bernoulli modality, P(x_f = 1) of shape (n_samples, n_features_m); for each
+            categorical one, the category probabilities of shape (n_samples, n_categories),
+            at the posterior-mean latent of each row.
+        """
+        check_is_fitted(self)
+        names = [m for m, d in zip(self.modality_names_, self._spec["decoders"]) if d in ("bernoulli", "categorical")]
+        if not names:
+            raise ValueError("predict_probabilities needs a bernoulli or categorical modality; decoders are "
+                             f"{dict(zip(self.modality_names_, self._spec['decoders']))}.")
+        data, z = self._posterior(X, cond_mod, None, None)
+        decoded = self._decode(z, "probabilities", self._inference_seed, names)
+        return {m: x.astype(data.dtype, copy=False) for m, x in decoded.items()}
 
     def sample(self, n_samples=1, X=None, cond_mod=None, random_state=None, add_noise=False):
         """Generate data: from the prior (X None) or conditioned on X's modalities.
@@ -577,11 +598,11 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         if X is None:
             generator = torch.Generator().manual_seed(seed)
             z = torch.randn(n_samples, self.latent_dim, generator=generator).numpy()
-            decoded = self._decode(z, add_noise, seed + 1)
+            decoded = self._decode(z, "sample" if add_noise else "mean", seed + 1)
             container = {"kind": "mapping", "type": dict} if self._layout.columns is None else {"kind": "array"}
             return rebuild_container(decoded, self._layout, container)
         data, z = self._posterior(X, cond_mod, n_samples, random_state)
-        decoded = self._decode(z, add_noise, seed + 1)
+        decoded = self._decode(z, "sample" if add_noise else "mean", seed + 1)
         decoded = {m: x.astype(data.dtype, copy=False) for m, x in decoded.items()}
         if self._layout.columns is None or data.container["kind"] == "mapping":
             return decoded
@@ -704,6 +725,16 @@ def _loaded_device(device) -> torch.device:
         return torch.device("cpu")
 
 
+def _check_likelihood_data(blocks: dict, spec: dict) -> list:
+    """Check each block fits its likelihood; return the category count of code columns (else None)."""
+    n_categories = []
+    for name, dist in zip(spec["names"], spec["decoders"]):
+        LIKELIHOODS[dist].check_data(name, blocks[name])
+        codes = dist == "categorical" and blocks[name].shape[1] == 1
+        n_categories.append(int(blocks[name].max()) + 1 if codes else None)  # from every complete row
+    return n_categories
+
+
 def _check_count(value, name: str) -> int:
     if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
@@ -713,21 +744,21 @@ def _check_count(value, name: str) -> int:
 def _build_module(spec: dict, train_blocks: dict | None, seed: int) -> JNFModule:
     """Build the networks on CPU with a forked, seeded RNG: init never touches the global RNG.
 
-    ``train_blocks`` (training rows) set the data-dependent starts: learned scales at the
-    features' standard deviations, decoder biases at their means. ``None`` (unpickling) builds
-    placeholders that a state dict then overwrites.
+    ``train_blocks`` (training rows) set the data-dependent starts: learned scales and
+    dispersions from the features' spread, decoder biases at their means. ``None`` (unpickling)
+    builds placeholders that a state dict then overwrites.
     """
     names, dims = spec["names"], spec["dims"]
-    if train_blocks is None:
-        train_blocks = {name: torch.zeros(2, d) for name, d in zip(names, dims)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         likelihoods = [
-            make_likelihood(dist, d, scale, train_blocks[name].std(0, unbiased=False))
-            for name, d, dist, scale in zip(names, dims, spec["decoders"], spec["scales"])
+            make_likelihood(dist, d, scale, None if train_blocks is None else train_blocks[name], n_categories=k)
+            for name, d, dist, scale, k in zip(names, dims, spec["decoders"], spec["scales"], spec["n_categories"])
         ]
+        biases = None
+        if train_blocks is not None:
+            biases = [lik.natural_parameter_from_data(train_blocks[name]) for lik, name in zip(likelihoods, names)]
         return JNFModule(
             names, dims, likelihoods, spec["latent_dim"], spec["hidden_sizes"],
-            spec["flow"], spec["n_flow_blocks"], spec["flow_hidden_sizes"],
-            data_means=[train_blocks[name].mean(0) for name in names],
+            spec["flow"], spec["n_flow_blocks"], spec["flow_hidden_sizes"], decoder_biases=biases,
         )

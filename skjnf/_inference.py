@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ._distributions import reparameterize
 from ._hmc import hmc_sample
@@ -124,6 +125,7 @@ def posterior_latents(
     generator: torch.Generator,
     stats: HMCStats,
     rows: np.ndarray,
+    progress: bool = False,
 ) -> Tensor:
     """Posterior mean (``n_draws=None``, shape (n, D)) or draws (n_draws, n, D) given ``cond``.
 
@@ -159,10 +161,26 @@ def posterior_latents(
         experts.append((mean, log_var, module.flows[module.index(name)]))
     n_chains = hmc.n_chains if n_draws is None else n_draws
     result = hmc_sample(
-        experts, n_chains, hmc.n_steps, hmc.n_leapfrog, hmc.step_size, generator
+        experts, n_chains, hmc.n_steps, hmc.n_leapfrog, hmc.step_size, generator,
+        progress=_progress_bar(f"HMC on {n} rows given {cond}") if progress else None,
     )
     stats.add(result, rows)
     return result.mean if n_draws is None else result.draws
+
+
+def _progress_bar(description: str):
+    """A ``progress(chunk_index, n_chunks)`` callback drawing a tqdm bar."""
+    bar = None
+
+    def update(index: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=description, leave=False)
+        bar.update(1)
+        if index + 1 >= total:
+            bar.close()
+
+    return update
 
 
 def joint_log_likelihood(module: JNFModule, blocks: dict[str, Tensor], n_samples: int, generator) -> Tensor:

@@ -98,21 +98,23 @@ class JNFModule(nn.Module):
         flow: str,
         n_flow_blocks: int,
         flow_hidden_sizes: Sequence[int],
-        data_means: Sequence[Tensor] | None = None,
+        decoder_biases: Sequence[Tensor] | None = None,
     ):
         super().__init__()
         self.names = tuple(names)
         self.latent_dim = latent_dim
-        self.joint_encoder = JointEncoder(dims, hidden_sizes, latent_dim)
-        self.decoders = nn.ModuleList(Decoder(latent_dim, hidden_sizes, d) for d in dims)
         self.likelihoods = nn.ModuleList(likelihoods)
-        if data_means is not None:
+        # encoders read each modality as its likelihood presents it (categorical codes one-hot)
+        in_dims = [lik.encoder_input(torch.zeros(1, d)).shape[-1] for lik, d in zip(likelihoods, dims)]
+        self.joint_encoder = JointEncoder(in_dims, hidden_sizes, latent_dim)
+        self.decoders = nn.ModuleList(Decoder(latent_dim, hidden_sizes, lik.n_outputs) for lik in likelihoods)
+        if decoder_biases is not None:
             # Decoders start at the data mean: raw features far from 0 (e.g. around 50) need no
             # thousands of Adam steps just to reach their level.
             with torch.no_grad():
-                for decoder, likelihood, mean in zip(self.decoders, self.likelihoods, data_means):
-                    decoder.out.bias.copy_(likelihood.natural_parameter(mean))
-        self.encoders = nn.ModuleList(UnimodalEncoder(d, hidden_sizes, latent_dim) for d in dims)
+                for decoder, bias in zip(self.decoders, decoder_biases):
+                    decoder.out.bias.copy_(bias)
+        self.encoders = nn.ModuleList(UnimodalEncoder(d, hidden_sizes, latent_dim) for d in in_dims)
         self.flows = nn.ModuleList(
             make_flow(flow, latent_dim, n_flow_blocks, flow_hidden_sizes) for _ in dims
         )
@@ -132,11 +134,12 @@ class JNFModule(nn.Module):
 
     def joint_posterior(self, blocks: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(mean, log-variance) of q(z | X); needs every modality."""
-        return self.joint_encoder([blocks[name] for name in self.names])
+        return self.joint_encoder([lik.encoder_input(blocks[name]) for name, lik in zip(self.names, self.likelihoods)])
 
     def expert_posterior(self, name: str, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mean, log-variance) of expert ``name``'s base Gaussian."""
-        return self.encoders[self.index(name)](x)
+        j = self.index(name)
+        return self.encoders[j](self.likelihoods[j].encoder_input(x))
 
     def expert_log_prob(self, name: str, z: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
         return expert_log_prob(z, mean, log_var, self.flows[self.index(name)])
@@ -152,6 +155,15 @@ class JNFModule(nn.Module):
     def decoder_mean(self, name: str, z: Tensor) -> Tensor:
         j = self.index(name)
         return self.likelihoods[j].mean(self.decoders[j](z))
+
+    def decoder_predict(self, name: str, z: Tensor) -> Tensor:
+        """The point prediction of modality ``name`` (categorical: the most probable category)."""
+        j = self.index(name)
+        return self.likelihoods[j].predict(self.decoders[j](z))
+
+    def decoder_probabilities(self, name: str, z: Tensor) -> Tensor:
+        j = self.index(name)
+        return self.likelihoods[j].probabilities(self.decoders[j](z))
 
     def decoder_sample(self, name: str, z: Tensor, generator) -> Tensor:
         j = self.index(name)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 from skorch import NeuralNet
-from skorch.callbacks import Callback, GradientNormClipping
+from skorch.callbacks import Callback, GradientNormClipping, ProgressBar
 from skorch.helper import predefined_split
 from torch import Tensor, nn
 
@@ -166,9 +166,10 @@ def train_stage(
         iterator_train__generator=shuffle_generator,
         iterator_valid=BatchIterator,
         train_split=predefined_split(BlockDataset(valid)) if valid is not None else None,
-        callbacks=[("clip", GradientNormClipping(MAX_GRAD_NORM)), ("best", best)],
+        callbacks=[("clip", GradientNormClipping(MAX_GRAD_NORM)), ("best", best)]
+        + ([("progress", ProgressBar())] if verbose >= 2 else []),
         device=None,
-        verbose=verbose,
+        verbose=int(verbose > 0),
     )
     if verbose:
         print(f"Training {stage.label} for {epochs} epochs")

@@ -19,7 +19,7 @@ from skjnf._modules import JNFModule, stage1_loss, stage2_loss
 
 def _tiny_module(seed=0):
     torch.manual_seed(seed)
-    likelihoods = [Normal(torch.full((3,), 0.7), learn=False), Laplace(torch.full((2,), 0.4), learn=False), Bernoulli()]
+    likelihoods = [Normal(torch.full((3,), 0.7), learn=False), Laplace(torch.full((2,), 0.4), learn=False), Bernoulli(4)]
     module = JNFModule(["a", "b", "c"], [3, 2, 4], likelihoods, 2, (5,), "maf", 1, (6,))
     for flow in module.flows:  # non-trivial flows
         for p in flow.parameters():
