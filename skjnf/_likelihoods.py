@@ -22,6 +22,8 @@ __all__ = [
 
 #: Learned scales never go below this fraction of the feature's standard deviation.
 SCALE_FLOOR_FRACTION = 1e-3
+#: ``decoder_scale="auto"``: one fixed scale per modality, this fraction of its features' RMS std.
+AUTO_SCALE_FRACTION = 0.5
 #: Smallest mean a count decoder starts at (log 0 is not a natural parameter).
 COUNT_MEAN_FLOOR = 1e-3
 #: Smallest probability a bernoulli or categorical decoder starts at.
@@ -153,9 +155,14 @@ class _LocationScale(Likelihood):
 
     @classmethod
     def from_data(cls, width: int, scale, train_block: Tensor) -> _LocationScale:
-        """``scale`` is a positive float, or ``"learn"`` to start at the features' std."""
-        learn = isinstance(scale, str)
+        """``scale``: a positive float; ``"auto"``, a fixed scale of half the block's RMS feature
+        std (one per modality); or ``"learn"``, one learned scale per feature starting at its std."""
+        learn = scale == "learn"
+        if scale == "auto":
+            spread = float(train_block.std(0, unbiased=False).pow(2).mean().sqrt())
+            scale = AUTO_SCALE_FRACTION * spread if spread > 0 else 1.0
         fixed = torch.full((width,), 1.0 if learn else float(scale))
+
         return cls(fixed, learn=learn, data_std=train_block.std(0, unbiased=False))
 
     @property
@@ -415,7 +422,7 @@ def make_likelihood(
 ) -> Likelihood:
     """Build the likelihood ``name`` for a ``width``-column modality from its training rows.
 
-    ``scale`` (a positive float or ``"learn"``) is read by normal and laplace only.
+    ``scale`` (a positive float, ``"auto"`` or ``"learn"``) is read by normal and laplace only.
     ``train_block`` (n, width) sets data-dependent starts: learned scales, the negative
     binomial's dispersion, and the number of categories of code input. ``None`` builds a
     placeholder that a state dict then overwrites (unpickling); categorical codes then need

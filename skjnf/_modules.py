@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -50,7 +51,7 @@ class UnimodalEncoder(nn.Module):
 
     def __init__(self, in_features: int, hidden_sizes: Sequence[int], latent_dim: int):
         super().__init__()
-        self.body = mlp(in_features, hidden_sizes)
+        self.body = _flat(in_features, hidden_sizes)
         self.head = GaussianHead(_out_width(in_features, hidden_sizes), latent_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,10 +61,10 @@ class UnimodalEncoder(nn.Module):
 class JointEncoder(nn.Module):
     """q(z | X): one trunk per modality, concatenated, then a joint MLP and Gaussian heads."""
 
-    def __init__(self, dims: Sequence[int], hidden_sizes: Sequence[int], latent_dim: int):
+    def __init__(self, trunks: Sequence[nn.Module], trunk_widths: Sequence[int], hidden_sizes: Sequence[int], latent_dim: int):
         super().__init__()
-        self.trunks = nn.ModuleList(mlp(d, hidden_sizes) for d in dims)
-        joint_in = sum(_out_width(d, hidden_sizes) for d in dims)
+        self.trunks = nn.ModuleList(trunks)
+        joint_in = sum(trunk_widths)
         self.body = mlp(joint_in, hidden_sizes)
         self.head = GaussianHead(_out_width(joint_in, hidden_sizes), latent_dim)
 
@@ -85,38 +86,104 @@ class Decoder(nn.Module):
         return self.out(self.body(z))
 
 
+class SoftclampedEncoder(nn.Module):
+    """Wraps a user encoder so its log-variance gets the same smooth bounds as ours."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean, log_var = self.encoder(x)
+        return mean, softclamp(log_var)
+
+
+#: The parts of a modality a user may replace, and the keyword arguments their factory gets.
+NETWORK_PARTS = {
+    "encoder": "in_shape, latent_dim -> module: x (n, *in_shape) -> (mean, log_var), each (n, latent_dim)",
+    "decoder": "latent_dim, out_shape -> module: z (..., latent_dim) -> natural parameters (..., *out_shape)",
+    "trunk": "in_shape -> module: x (n, *in_shape) -> features (n, width) for the joint encoder",
+}
+
+
+def build_part(spec, default, label: str, **kwargs) -> nn.Module:
+    """A module from a user factory (callable, or (callable, kwargs)) or, if None, ``default()``."""
+    if spec is None:
+        return default()
+    factory, extra = spec if isinstance(spec, tuple) else (spec, {})
+    try:
+        return factory(**extra, **kwargs)
+    except Exception as error:  # a user factory: say which part, and what it was given
+        raise ValueError(f"{label}: its factory failed when called with {sorted(kwargs)} ({error!r}).") from error
+
+
+def _flat(in_features: int, widths: Sequence[int]) -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), mlp(in_features, widths))
+
+
 class JNFModule(nn.Module):
-    """All of JNF's networks; modalities are addressed by position in ``names``."""
+    """All of JNF's networks; modalities are addressed by position in ``names``.
+
+    ``shapes`` are the per-row shapes of the blocks (``(d,)`` for tabular data); blocks travel
+    flat, (n, prod(shape)), and are reshaped for user networks. ``networks`` maps modality names
+    to ``{part: factory}`` (see ``NETWORK_PARTS``); ``flows`` gives each modality's flow, a name
+    of ``_flows.FLOW_NAMES`` or a factory called with ``latent_dim``.
+    """
 
     def __init__(
         self,
         names: Sequence[str],
-        dims: Sequence[int],
+        shapes: Sequence[tuple[int, ...]],
         likelihoods: Sequence[Likelihood],
         latent_dim: int,
         hidden_sizes: Sequence[int],
-        flow: str,
+        flows: Sequence,
         n_flow_blocks: int,
         flow_hidden_sizes: Sequence[int],
+        networks: dict | None = None,
         decoder_biases: Sequence[Tensor] | None = None,
     ):
         super().__init__()
-        self.names = tuple(names)
-        self.latent_dim = latent_dim
+        self.names, self.latent_dim = tuple(names), latent_dim
         self.likelihoods = nn.ModuleList(likelihoods)
+        networks = networks or {}
         # encoders read each modality as its likelihood presents it (categorical codes one-hot)
-        in_dims = [lik.encoder_input(torch.zeros(1, d)).shape[-1] for lik, d in zip(likelihoods, dims)]
-        self.joint_encoder = JointEncoder(in_dims, hidden_sizes, latent_dim)
-        self.decoders = nn.ModuleList(Decoder(latent_dim, hidden_sizes, lik.n_outputs) for lik in likelihoods)
+        self.in_shapes = [
+            shape if len(shape) > 1 else tuple(lik.encoder_input(torch.zeros(1, shape[0])).shape[1:])
+            for lik, shape in zip(likelihoods, shapes)
+        ]
+        parts = [networks.get(name, {}) for name in names]
+        trunks = [
+            build_part(p.get("trunk"), lambda s=s: _flat(math.prod(s), hidden_sizes), f"Modality {n!r}: the trunk", in_shape=s)
+            for n, p, s in zip(names, parts, self.in_shapes)
+        ]
+        with torch.no_grad():  # trunk widths, from a probe
+            widths = [trunk(torch.zeros(2, *s)).shape[-1] for trunk, s in zip(trunks, self.in_shapes)]
+        self.joint_encoder = JointEncoder(trunks, widths, hidden_sizes, latent_dim)
+        out_shapes = [shape if lik.n_outputs == math.prod(shape) else (lik.n_outputs,) for lik, shape in zip(likelihoods, shapes)]
+        self.decoders = nn.ModuleList(
+            build_part(p.get("decoder"), lambda lik=lik: Decoder(latent_dim, hidden_sizes, lik.n_outputs),
+                       f"Modality {n!r}: the decoder", latent_dim=latent_dim, out_shape=out)
+            for n, p, lik, out in zip(names, parts, likelihoods, out_shapes)
+        )
         if decoder_biases is not None:
             # Decoders start at the data mean: raw features far from 0 (e.g. around 50) need no
             # thousands of Adam steps just to reach their level.
             with torch.no_grad():
                 for decoder, bias in zip(self.decoders, decoder_biases):
-                    decoder.out.bias.copy_(bias)
-        self.encoders = nn.ModuleList(UnimodalEncoder(d, hidden_sizes, latent_dim) for d in in_dims)
+                    if isinstance(decoder, Decoder):
+                        decoder.out.bias.copy_(bias)
+        self.encoders = nn.ModuleList(
+            SoftclampedEncoder(build_part(p["encoder"], None, f"Modality {n!r}: the encoder", in_shape=s, latent_dim=latent_dim))
+            if p.get("encoder") is not None
+            else UnimodalEncoder(math.prod(s), hidden_sizes, latent_dim)
+            for n, p, s in zip(names, parts, self.in_shapes)
+        )
         self.flows = nn.ModuleList(
-            make_flow(flow, latent_dim, n_flow_blocks, flow_hidden_sizes) for _ in dims
+            make_flow(flow, latent_dim, n_flow_blocks, flow_hidden_sizes)
+            if isinstance(flow, str)
+            else build_part(flow, None, f"Modality {n!r}: the flow", latent_dim=latent_dim)
+            for n, flow in zip(names, flows)
         )
 
     # -- the parts each stage trains ------------------------------------------------------
@@ -132,42 +199,51 @@ class JNFModule(nn.Module):
     def index(self, name: str) -> int:
         return self.names.index(name)
 
+    def encoder_input(self, j: int, x: Tensor) -> Tensor:
+        """A flat block (n, d) as modality j's encoders read it: (n, *in_shape)."""
+        x = self.likelihoods[j].encoder_input(x)
+        return x.reshape(x.shape[0], *self.in_shapes[j])
+
+    def natural_parameters(self, j: int, z: Tensor) -> Tensor:
+        """Decoder j's output at z (…, D), flattened to (…, n_outputs)."""
+        return self.decoders[j](z).reshape(*z.shape[:-1], -1)
+
     def joint_posterior(self, blocks: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(mean, log-variance) of q(z | X); needs every modality."""
-        return self.joint_encoder([lik.encoder_input(blocks[name]) for name, lik in zip(self.names, self.likelihoods)])
+        return self.joint_encoder([self.encoder_input(j, blocks[name]) for j, name in enumerate(self.names)])
 
     def expert_posterior(self, name: str, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mean, log-variance) of expert ``name``'s base Gaussian."""
         j = self.index(name)
-        return self.encoders[j](self.likelihoods[j].encoder_input(x))
+        return self.encoders[j](self.encoder_input(j, x))
 
     def expert_log_prob(self, name: str, z: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
         return expert_log_prob(z, mean, log_var, self.flows[self.index(name)])
 
     def decode(self, name: str, z: Tensor) -> Tensor:
-        return self.decoders[self.index(name)](z)
+        return self.natural_parameters(self.index(name), z)
 
     def log_likelihood(self, name: str, x: Tensor, z: Tensor) -> Tensor:
         """log p(x_m | z), summed over features; z may carry leading sample dimensions."""
         j = self.index(name)
-        return self.likelihoods[j].log_prob(x, self.decoders[j](z))
+        return self.likelihoods[j].log_prob(x, self.natural_parameters(j, z))
 
     def decoder_mean(self, name: str, z: Tensor) -> Tensor:
         j = self.index(name)
-        return self.likelihoods[j].mean(self.decoders[j](z))
+        return self.likelihoods[j].mean(self.natural_parameters(j, z))
 
     def decoder_predict(self, name: str, z: Tensor) -> Tensor:
         """The point prediction of modality ``name`` (categorical: the most probable category)."""
         j = self.index(name)
-        return self.likelihoods[j].predict(self.decoders[j](z))
+        return self.likelihoods[j].predict(self.natural_parameters(j, z))
 
     def decoder_probabilities(self, name: str, z: Tensor) -> Tensor:
         j = self.index(name)
-        return self.likelihoods[j].probabilities(self.decoders[j](z))
+        return self.likelihoods[j].probabilities(self.natural_parameters(j, z))
 
     def decoder_sample(self, name: str, z: Tensor, generator) -> Tensor:
         j = self.index(name)
-        return self.likelihoods[j].sample(self.decoders[j](z), generator)
+        return self.likelihoods[j].sample(self.natural_parameters(j, z), generator)
 
 
 def stage1_loss(

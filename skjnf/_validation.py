@@ -23,9 +23,13 @@ class Layout:
     names: tuple[str, ...]
     dims: tuple[int, ...]
     columns: tuple[np.ndarray, ...] | None = None  # None when fitted on a mapping
+    shapes: tuple[tuple[int, ...], ...] | None = None  # per-row block shapes; None: (dim,)
 
     def dim(self, name: str) -> int:
         return self.dims[self.names.index(name)]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return (self.dim(name),) if self.shapes is None else self.shapes[self.names.index(name)]
 
 
 @dataclass
@@ -244,29 +248,40 @@ def _validate_mapping(estimator, X: Mapping, *, fit: bool):
                 f"{list(layout.names)}."
             )
         names = layout.names
-    arrays, n_rows = {}, {}
+    arrays, n_rows, shapes = {}, {}, {}
     for modality in names:
         if modality not in X:
             continue
         block = X[modality]
         if sp.issparse(block):
             raise TypeError(f"Modality {modality!r}: sparse input is not supported; pass a dense array.")
-        if np.ndim(block) != 2:
+        if np.ndim(block) < 2:
             raise ValueError(
-                f"Modality {modality!r} must be a 2-D array of shape (n_samples, n_features); got shape "
-                f"{np.shape(block)}. Reshape a single feature with x.reshape(-1, 1)."
+                f"Modality {modality!r} must be an array of shape (n_samples, n_features) or "
+                f"(n_samples, *shape); got shape {np.shape(block)}. Reshape a single feature with "
+                "x.reshape(-1, 1)."
             )
-        arrays[modality] = _check_block(modality, X[modality], name)
+        if np.ndim(block) > 2:  # e.g. images (n, channels, height, width): kept flat inside
+            shapes[modality] = tuple(np.shape(block)[1:])
+            block = np.reshape(np.asarray(block), (np.shape(block)[0], -1))
+        else:
+            shapes[modality] = (np.shape(block)[1],)
+        arrays[modality] = _check_block(modality, block, name)
         n_rows[modality] = arrays[modality].shape[0]
     if len(set(n_rows.values())) > 1:
         raise ValueError(f"All modalities must have the same number of rows; got {n_rows}.")
     if fit:
-        layout = Layout(names, tuple(arrays[m].shape[1] for m in names))
+        layout = Layout(names, tuple(arrays[m].shape[1] for m in names), shapes=tuple(shapes[m] for m in names))
         info = {"n_features_in_": sum(layout.dims), "feature_names_in_": None}
     else:
         info = {}
         for modality, array in arrays.items():
             expected = layout.dim(modality)
+            if shapes[modality] != layout.shape(modality) and len(layout.shape(modality)) > 1:
+                raise ValueError(
+                    f"Modality {modality!r} has rows of shape {shapes[modality]}, but {name} is "
+                    f"expecting {layout.shape(modality)} for it."
+                )
             if array.shape[1] != expected:
                 raise ValueError(
                     f"Modality {modality!r} has {array.shape[1]} features, but {name} is expecting "
@@ -286,6 +301,7 @@ def _validate_mapping(estimator, X: Mapping, *, fit: bool):
 def rebuild_container(arrays: dict[str, np.ndarray], layout: Layout, container: dict):
     """Put per-modality outputs back into the container type the user passed."""
     if container["kind"] == "mapping":
+        arrays = {m: x.reshape(*x.shape[:-1], *layout.shape(m)) for m, x in arrays.items()}
         kind = container["type"]
         for build in (lambda: kind(arrays), lambda: kind(**arrays)):  # dict-like, or SliceDict(**blocks)
             try:

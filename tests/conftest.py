@@ -40,6 +40,6 @@ def views():
 
 @pytest.fixture(scope="session")
 def fitted(views):
-    """One fitted three-modality model shared by read-only tests."""
+    """One fitted three-modality model shared by read-only tests (decoder scale = the true noise)."""
     X, _, _ = views
-    return small_jnf(joint_epochs=40, flow_epochs=40, lr=1e-2, hidden_sizes=(32,)).fit(X)
+    return small_jnf(joint_epochs=40, flow_epochs=40, lr=1e-2, hidden_sizes=(32,), decoder_scale=0.1).fit(X)

@@ -172,19 +172,31 @@ def test_bernoulli_modality_predicts_both_values():
 
 
 def test_default_decoder_scale_gives_a_useful_latent_on_unit_range_data():
-    """With decoder_scale='learn' (default), [0, 1] features do not collapse the latent."""
+    """With decoder_scale='auto' (default), [0, 1] features do not collapse the latent."""
     X, labels, _ = make_views(n=300, seed=3)
     X = {m: (b - b.min(0)) / (b.max(0) - b.min(0)) for m, b in X.items()}
 
     def probe(z):
         return LogisticRegression().fit(z, labels).score(z, labels)
 
-    learned = small_jnf(joint_epochs=30, flow_epochs=1).fit(X).transform(X)
+    auto = small_jnf(joint_epochs=30, flow_epochs=1).fit(X)
     collapsed = small_jnf(joint_epochs=30, flow_epochs=1, decoder_scale=1.0).fit(X).transform(X)
     pca = PCA(2).fit_transform(np.hstack(list(X.values())))
-    assert probe(learned) > probe(pca) - 0.03  # as informative as the best linear 2-D view
-    assert probe(learned) > probe(collapsed) + 0.05
-    assert collapsed.std() < 0.1 < learned.std()
+    z = auto.transform(X)
+    assert probe(z) > probe(pca) - 0.03  # as informative as the best linear 2-D view
+    assert probe(z) > probe(collapsed) + 0.05
+    assert collapsed.std() < 0.1 < z.std()
+    rms_std = np.sqrt(X["a"].var(0).mean())
+    np.testing.assert_allclose(auto.module_.likelihoods[0].scale.numpy(), 0.5 * rms_std, rtol=0.05)  # training rows
+
+
+def test_learned_scales_start_at_the_feature_std_and_train():
+    X, _, _ = make_views(n=200)
+    jnf = small_jnf(joint_epochs=5, flow_epochs=1, decoder_scale={"a": "learn"}).fit(X)
+    scale = jnf.module_.likelihoods[0].scale.detach().numpy()
+    assert scale.shape == (6,) and np.all(scale > 0)
+    assert not np.allclose(scale, X["a"].std(0), rtol=1e-3)  # trained in stage 1
+    assert list(jnf.module_.likelihoods[1].parameters()) == []  # "auto" elsewhere: fixed
 
 
 def test_device_cpu_tensors(fitted):

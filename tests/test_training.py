@@ -20,7 +20,7 @@ from skjnf._modules import JNFModule, stage1_loss, stage2_loss
 def _tiny_module(seed=0):
     torch.manual_seed(seed)
     likelihoods = [Normal(torch.full((3,), 0.7), learn=False), Laplace(torch.full((2,), 0.4), learn=False), Bernoulli(4)]
-    module = JNFModule(["a", "b", "c"], [3, 2, 4], likelihoods, 2, (5,), "maf", 1, (6,))
+    module = JNFModule(["a", "b", "c"], [(3,), (2,), (4,)], likelihoods, 2, (5,), ["maf"] * 3, 1, (6,))
     for flow in module.flows:  # non-trivial flows
         for p in flow.parameters():
             p.data.normal_(0, 0.3)
@@ -71,7 +71,7 @@ def test_stage2_leaves_the_joint_part_bit_identical(views, monkeypatch):
         return original(self, module, stage, *args, **kwargs)
 
     monkeypatch.setattr(estimator_module.JNFEstimator, "_train_stage", spy)
-    jnf = small_jnf(joint_epochs=3, flow_epochs=3, decoder={"c": "laplace"}).fit(X)
+    jnf = small_jnf(joint_epochs=3, flow_epochs=3, decoder={"c": "laplace"}, decoder_scale="learn").fit(X)
     after = _joint_state(jnf.module_)
     assert any("rho" in n for n in after)  # learned scales are part of the frozen state
     for name, tensor in after.items():

@@ -27,7 +27,7 @@ def model():
         ({}, "empty mapping"),
         ({"a": np.zeros((0, 3)), "b": np.zeros((0, 2))}, "Modality 'a'.*0 sample"),
         ({"a": np.zeros((5, 3)), "b": np.zeros((4, 2))}, "same number of rows.*'a': 5, 'b': 4"),
-        ({"a": np.ones(5), "b": np.ones((5, 2))}, "Modality 'a' must be a 2-D array"),
+        ({"a": np.ones(5), "b": np.ones((5, 2))}, "Modality 'a' must be an array of shape"),
         ({"a": np.array([["x", "y"]] * 5), "b": np.ones((5, 2))}, "Modality 'a'"),
         ({"a": np.ones((5, 2)) + 1j, "b": np.ones((5, 2))}, "Modality 'a'.*[Cc]omplex"),
         ({"a": np.full((5, 2), np.inf), "b": np.ones((5, 2))}, "Modality 'a'.*infinity"),
