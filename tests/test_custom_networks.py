@@ -129,3 +129,18 @@ def test_broken_contracts_fail_before_training(params, match):
     with pytest.raises((ValueError, TypeError), match=match):
         estimator.fit(X)
     assert not hasattr(estimator, "module_")
+
+
+def test_image_example_runs(tmp_path):
+    """examples/plot_images.py (quick mode) writes its figure."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "plot_images.py"
+    env = {**os.environ, "SKJNF_EXAMPLE_QUICK": "1", "MPLBACKEND": "Agg"}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figure = script.parent / "output" / "images_generation.png"
+    assert figure.exists() and figure.stat().st_size > 10_000
