@@ -90,7 +90,8 @@ class _MaskedLinear(nn.Linear):
 
     def __init__(self, mask: Tensor) -> None:
         super().__init__(mask.shape[1], mask.shape[0])
-        self.register_buffer("mask", mask.bool())
+        # a float mask (cast with the module by .double() / .to()) multiplies without a dtype copy
+        self.register_buffer("mask", mask.to(self.weight.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight * self.mask, self.bias)

@@ -41,7 +41,7 @@ def gaussian_experts(means, variances, flow=None):
 
 
 def exact_posterior(means, variances, prior_exponent=None):
-    """Precision λ and mean m of the Gaussian product of experts with the prior to the power -(s-1)."""
+    """Mean m and precision λ of the Gaussian product of experts over the prior to the power s - 1."""
     exponent = len(means) - 1 if prior_exponent is None else prior_exponent
     precision = (1.0 / variances).sum(0) - exponent
     return (means / variances).sum(0) / precision, precision
@@ -165,8 +165,10 @@ def test_forced_divergence_keeps_the_last_finite_state(flow):
     means = torch.full((2, 3, 3), 1.2)
     experts = gaussian_experts(means, torch.full((2, 3, 3), 0.5), flow)
     n_chains, n_steps = 300, 6
+    # The sampler draws its starts first: replay them, with the restart at 0 where the target is NaN.
     start = _initial_positions(experts, n_chains, torch.Generator().manual_seed(4))
-    start = torch.where(start.norm(dim=-1, keepdim=True) > 2.0, 0.0, start) if isinstance(flow, BrokenOutsideBall) else start
+    if isinstance(flow, BrokenOutsideBall):
+        start = torch.where(start.norm(dim=-1, keepdim=True) > 2.0, 0.0, start)
     result = hmc_sample(experts, n_chains, n_steps, 5, 50.0, torch.Generator().manual_seed(4))
     assert all_finite(result)
     assert result.acceptance == 0.0
@@ -229,6 +231,9 @@ def test_invalid_arguments_are_rejected(kwargs, message):
 
 
 def test_mismatched_expert_shapes_are_rejected():
-    experts = [(torch.zeros(3, 2), torch.zeros(3, 2), IdentityFlow()), (torch.zeros(4, 2), torch.zeros(4, 2), IdentityFlow())]
+    experts = [
+        (torch.zeros(3, 2), torch.zeros(3, 2), IdentityFlow()),
+        (torch.zeros(4, 2), torch.zeros(4, 2), IdentityFlow()),
+    ]
     with pytest.raises(ValueError, match="Expert 1"):
         hmc_sample(experts, 2, 2, 1)
