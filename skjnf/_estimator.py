@@ -180,8 +180,10 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
     module_ : torch.nn.Module
         The trained networks.
     history_ : dict
-        ``{"joint": ..., "flows": ...}``, each with per-epoch ``train_loss`` / ``valid_loss``
-        and the ``best_epoch`` whose weights were kept.
+        ``{"joint": ..., "flows": ...}``, each a dict with ``"epochs"`` (a list of
+        ``{"epoch", "train_loss", "valid_loss"}``, floats, per-row means), ``"best_epoch"`` (the
+        1-based epoch whose weights were kept) and ``"monitor"`` (``"valid_loss"``, or
+        ``"train_loss"`` when there is no validation set).
     n_rows_dropped_ : int
         Rows left out of training because a modality was missing.
     hmc_acceptance_ : float or None

@@ -184,7 +184,11 @@ def train_stage(
                 print(f"Early stopping {stage.label} at epoch {len(net.history)}")
         net.notify("on_train_end", X=dataset, y=None)
     rows = [
-        {"epoch": row["epoch"], "train_loss": row["train_loss"], "valid_loss": row.get("valid_loss")}
+        {
+            "epoch": int(row["epoch"]),
+            "train_loss": float(row["train_loss"]),
+            "valid_loss": None if row.get("valid_loss") is None else float(row["valid_loss"]),
+        }
         for row in net.history
     ]
     return {"epochs": rows, "best_epoch": best.best_epoch_, "monitor": monitor}
