@@ -402,7 +402,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             warnings.warn(
                 f"fit left out {n_dropped} of {data.n_samples} rows with a missing modality "
                 "(JNF trains on complete rows).",
-                UserWarning,
+                UserWarning, stacklevel=2,
             )
         rows = torch.from_numpy(np.flatnonzero(complete))
         return {m: data.blocks[m][rows] for m in layout.names}, n_dropped
@@ -414,7 +414,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
                 warnings.warn(
                     f"validation_fraction={self.validation_fraction} leaves no validation set for {n} "
                     "complete rows; the best epoch is chosen by training loss.",
-                    UserWarning,
+                    UserWarning, stacklevel=2,
                 )
             return np.arange(n), np.arange(0)
         order = np.random.default_rng(seed).permutation(n)
@@ -426,7 +426,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         try:
             for stage, epochs, seed in (("joint", self.joint_epochs, seeds[0]), ("flows", self.flow_epochs, seeds[1])):
                 if epochs == 0:
-                    warnings.warn(f"{STAGES[stage]} runs for 0 epochs: its networks stay at initialisation.", UserWarning)
+                    warnings.warn(f"{STAGES[stage]} runs for 0 epochs: its networks stay at initialisation.", UserWarning, stacklevel=2)
                 if stage == "flows":  # freeze before the first stage-2 forward (jnf_algorithm.md §2.2)
                     for p in joint_params:
                         p.requires_grad_(False)
@@ -523,13 +523,13 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             warnings.warn(
                 f"HMC acceptance {stats.acceptance:.2f} is far from its 0.75 target; consider a larger "
                 "n_mcmc_steps (longer adaptation) or step_size='auto'.",
-                UserWarning,
+                UserWarning, stacklevel=2,
             )
         if stats.escaped_rows:
             warnings.warn(
                 f"HMC chains of row(s) {stats.escaped_rows[:10]} ended far from the origin (|z| > 10): "
                 "the product of experts may be improper for these rows.",
-                UserWarning,
+                UserWarning, stacklevel=2,
             )
 
     def transform(self, X, cond_mod=None):
@@ -762,7 +762,7 @@ def _loaded_device(device) -> torch.device:
     try:
         return _resolve_device(device)
     except ValueError:
-        warnings.warn(f"device={device!r} is not available here; the model was loaded on CPU.", UserWarning)
+        warnings.warn(f"device={device!r} is not available here; the model was loaded on CPU.", UserWarning, stacklevel=2)
         return torch.device("cpu")
 
 

@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
 
-from skjnf import JNFEstimator, SliceDict
+from skjnf import SliceDict
 
 
 def _as_frame(X):
