@@ -1,8 +1,4 @@
-"""Shared test set-up: one thread (much faster on small CPU machines)."""
-
-import torch
-
-torch.set_num_threads(1)
+"""Shared test data and small estimators (the root conftest.py sets one torch thread)."""
 
 import numpy as np
 import pytest
