@@ -1,0 +1,662 @@
+"""skjnf against the reference JNF (MultiVae 1.0.3), side by side, in one run.
+
+Both implementations are trained and evaluated on the same arrays (three datasets, three
+modalities each, features in [0, 1]) with the same latent size, batch size, learning rate,
+epochs per stage, validation fraction and thread count. The reference runs in a subprocess of
+its own virtual environment (``benchmarks/_peer.py``; setup in ``benchmarks/README.md``);
+the two processes never run at the same time.
+
+Usage::
+
+    python benchmarks/run.py --quick               # smoke run: small data, 2+2 epochs (minutes)
+    python benchmarks/run.py                       # the full run behind README.md's table
+    python benchmarks/run.py --no-peer             # skjnf only (no reference venv needed)
+    python benchmarks/run.py --datasets digits --no-scaling
+
+Every timing is the median of ``--repeats`` (>= 3) calls after a warm-up call; wall-clock and
+process CPU time are both recorded (CPU time is less sensitive to other jobs on the machine).
+Ratios are reference / skjnf: above 1 means skjnf is faster. Results go to
+``benchmarks/results/latest.json`` and ``benchmarks/results/latest.md`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from _data import Dataset, gaussian_log_likelihood, gaussian_predict, make_datasets  # noqa: E402
+
+DEFAULT_PEER_PYTHON = os.environ.get("JNF_PEER_PYTHON", "/work/peer-venv/bin/python")
+REFERENCE_SCALE = 0.1  # the reference's fixed normal decoder scale (1.0, its default, collapses)
+N_CHAINS_REFERENCE = 10  # the reference's best subset protocol: mean latent of 10 chains per row
+
+
+# ------------------------------------------------------------------------------- helpers
+def timed(fn, repeats: int):
+    """Median wall and CPU seconds over ``repeats`` calls (after the caller's warm-up)."""
+    walls, cpus, result = [], [], None
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        result = fn()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return {"wall": statistics.median(walls), "cpu": statistics.median(cpus), "walls": walls}, result
+
+
+def subsets_of(names, sizes):
+    return [list(s) for k in sizes for s in itertools.combinations(names, k)]
+
+
+def key(subset) -> str:
+    return "+".join(subset)
+
+
+def mse(pred: dict, truth: dict, targets) -> float:
+    err = np.concatenate([(np.asarray(pred[m], np.float64) - truth[m]) ** 2 for m in targets], axis=1)
+    return float(err.mean())
+
+
+class StageTimer:
+    """Wall time of each call to skjnf's ``train_stage`` (one per stage), for per-epoch figures.
+
+    Wraps the name the estimator module calls; skjnf itself is not modified. If the estimator
+    stops importing ``train_stage`` under that name the per-stage figures are simply absent.
+    """
+
+    def __init__(self):
+        self.times: list[float] = []
+        try:
+            import skjnf._estimator as module
+        except ImportError:  # pragma: no cover
+            return
+        original = getattr(module, "train_stage", None)
+        if original is None:
+            return
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.times.append(time.perf_counter() - start)
+
+        module.train_stage = wrapper
+
+
+# ------------------------------------------------------------------------------- skjnf side
+def make_ours(args, **overrides):
+    from skjnf import JNFEstimator
+
+    params = dict(
+        latent_dim=args.latent_dim, hidden_sizes=(512, 512), n_flow_blocks=2, flow_hidden_sizes=(128, 128, 128),
+        batch_size=args.batch_size, lr=args.lr, joint_epochs=args.joint_epochs, flow_epochs=args.flow_epochs,
+        validation_fraction=args.validation_fraction, random_state=args.seed,
+    )
+    params.update(overrides)
+    return JNFEstimator(**params)
+
+
+def run_ours(ds: Dataset, args, stage_timer: StageTimer) -> tuple[dict, dict]:
+    import torch
+
+    names, test = ds.names, ds.test
+    out: dict = {}
+    # fit: warm-up (1 + 1 epochs), then repeats at equal epochs; the last model is evaluated
+    make_ours(args, joint_epochs=1, flow_epochs=1, random_state=args.seed + 999).fit(ds.train)
+    fits, stage_times, est = [], [], None
+    for r in range(args.repeats):
+        est = make_ours(args, random_state=args.seed + r)
+        start_stage = len(stage_timer.times)
+        t, _ = timed(lambda: est.fit(ds.train), 1)
+        fits.append(t)
+        stage_times.append(stage_timer.times[start_stage:])
+    out["fit"] = {k: statistics.median([f[k] for f in fits]) for k in ("wall", "cpu")}
+    out["fit"]["walls"] = [f["wall"] for f in fits]
+    if all(len(s) == 2 for s in stage_times):
+        if args.joint_epochs:
+            out["epoch_joint_s"] = statistics.median([s[0] for s in stage_times]) / args.joint_epochs
+        if args.flow_epochs:
+            out["epoch_flow_s"] = statistics.median([s[1] for s in stage_times]) / args.flow_epochs
+
+    warm = {m: x[:20] for m, x in test.items()}
+    preds: dict[str, dict] = {}
+    # all modalities
+    est.transform(warm)
+    out["latent_all"], _ = timed(lambda: est.transform(test), args.repeats)
+    preds[key(names)] = est.predict(test)
+    # one modality (median over the modalities)
+    est.transform(warm, cond_mod=names[0])
+    ones = []
+    for m in names:
+        t, _ = timed(lambda: est.transform(test, cond_mod=m), args.repeats)
+        ones.append(t)
+        preds[m] = est.predict(test, cond_mod=m)
+    out["latent_one"] = {k: statistics.median([t[k] for t in ones]) for k in ("wall", "cpu")}
+    # subsets of 2..M-1 (HMC): one timed call per subset, median over subsets
+    subsets = subsets_of(names, range(2, len(names)))
+    if subsets:
+        est.transform(warm, cond_mod=subsets[0])
+        subs, acc = [], []
+        for s in subsets:
+            t, z = timed(lambda: est.transform(test, cond_mod=s), 1)
+            subs.append(t)
+            acc.append(est.hmc_acceptance_)
+            preds[key(s)] = decode_mean(est, z)  # = est.predict(test, cond_mod=s), without a second HMC run
+        out["latent_subset"] = {k: statistics.median([t[k] for t in subs]) for k in ("wall", "cpu")}
+        out["latent_subset"]["walls"] = [t["wall"] for t in subs]
+        out["hmc_acceptance"] = acc
+        out["hmc_settings"] = {k: est.get_params()[k] for k in ("n_mcmc_steps", "n_leapfrog", "n_posterior_samples", "step_size")}
+    # joint log-likelihood, K importance samples
+    est.set_params(n_importance_samples=args.nll_k)
+    est.score_samples(warm)
+    out["joint_ll"], ll = timed(lambda: est.score_samples(test), args.repeats)
+    out["joint_ll_mean"] = float(np.mean(ll))
+    out["joint_ll_floor"] = decoder_floor(est, test, args)
+    out["n_parameters"] = int(sum(p.numel() for p in est.module_.parameters()))
+    torch.set_num_threads(args.threads)
+    return out, preds
+
+
+def decode_mean(est, z: np.ndarray) -> dict:
+    """Decoder means at latents z (n, D): what ``predict`` returns for the same posterior mean."""
+    import torch
+
+    module = est.module_
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            latent = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+            return {m: module.decoder_mean(m, latent).numpy() for m in est.modality_names_}
+    finally:
+        module.train(was_training)
+
+
+def decoder_floor(est, test: dict, args) -> dict:
+    """Time of the K·n decoder forward passes alone (all modalities, no_grad, eval mode)."""
+    import torch
+
+    module = est.module_
+    n = len(next(iter(test.values())))
+    z = torch.randn(args.nll_k, n, args.latent_dim, generator=torch.Generator().manual_seed(0))
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            def run():
+                for decoder in module.decoders:
+                    decoder(z)
+
+            run()
+            t, _ = timed(run, max(args.repeats, 5))
+    finally:
+        module.train(was_training)
+    return t
+
+
+# ------------------------------------------------------------------------------- reference side
+def run_peer(ds: Dataset, args, workdir: Path) -> tuple[dict, dict] | tuple[None, None]:
+    rng = np.random.default_rng(args.seed)
+    n = len(next(iter(ds.train.values())))
+    n_valid = math.ceil(args.validation_fraction * n)
+    perm = rng.permutation(n)
+    valid_rows, train_rows = np.sort(perm[:n_valid]), np.sort(perm[n_valid:])
+    arrays = {}
+    for m in ds.names:
+        arrays[f"train__{m}"] = ds.train[m][train_rows]
+        arrays[f"valid__{m}"] = ds.train[m][valid_rows]
+        arrays[f"test__{m}"] = ds.test[m]
+    data_path, cfg_path, prefix = workdir / f"{ds.name}.npz", workdir / f"{ds.name}.json", workdir / f"{ds.name}_peer"
+    np.savez(data_path, **arrays)
+    cfg = {
+        "names": ds.names, "latent_dim": args.latent_dim, "batch_size": args.batch_size, "lr": args.lr,
+        "joint_epochs": args.joint_epochs, "flow_epochs": args.flow_epochs, "decoder_scale": REFERENCE_SCALE,
+        "seed": args.seed, "threads": args.threads, "repeats": args.repeats, "fit_repeats": args.repeats,
+        "n_chains": N_CHAINS_REFERENCE, "nll_K": args.nll_k,
+        "hmc_kwargs": {"mcmc_steps": args.peer_mcmc_steps} if args.peer_mcmc_steps else {},
+    }
+    cfg_path.write_text(json.dumps(cfg))
+    log_path = workdir / f"{ds.name}_peer.log"
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            [args.peer_python, str(HERE / "_peer.py"), str(data_path), str(cfg_path), str(prefix)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+        )
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-3000:]
+        print(f"[peer] {ds.name}: failed (exit {proc.returncode}); log tail:\n{tail}", file=sys.stderr)
+        return None, None
+    out = json.loads(Path(str(prefix) + ".json").read_text())
+    flat = np.load(str(prefix) + ".npz")
+    preds: dict[str, dict] = {}
+    for name in flat.files:
+        _, subset, m = name.split("__")
+        preds.setdefault(subset, {})[m] = flat[name]
+    return out, preds
+
+
+# ------------------------------------------------------------------------------- quality
+def quality(ds: Dataset, ours_preds: dict, peer_preds: dict | None) -> list[dict]:
+    """Cross-modal MSE of the held-out modalities per conditioning set (self-reconstruction for all)."""
+    names, rows = ds.names, []
+    for subset in subsets_of(names, range(1, len(names) + 1)):
+        targets = [m for m in names if m not in subset] or names
+        row = {"cond": key(subset), "targets": key(targets), "ours": mse(ours_preds[key(subset)], ds.test, targets)}
+        if peer_preds is not None:
+            if len(subset) in (1, len(names)):
+                row["peer"] = mse(peer_preds[key(subset)], ds.test, targets)
+            else:
+                row["peer_draw"] = mse(peer_preds[key(subset) + "@draw"], ds.test, targets)
+                row["peer_mean10"] = mse(peer_preds[key(subset) + f"@mean{N_CHAINS_REFERENCE}"], ds.test, targets)
+                row["peer"] = min(row["peer_draw"], row["peer_mean10"])
+        if ds.gaussian is not None and len(subset) < len(names):
+            row["bayes"] = mse(gaussian_predict(ds, ds.test, subset), ds.test, targets)
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------- scaling
+def scaling_worker(n_rows: int, args) -> dict:
+    """One size, in a fresh process so that peak RSS is this size's alone."""
+    import torch
+
+    from _data import nonlinear
+
+    torch.set_num_threads(args.threads)
+    ds = nonlinear(n_rows, 0 if n_rows <= 0 else n_rows // 10)
+    X = ds.train
+    est = make_ours(args, joint_epochs=args.scaling_epochs, flow_epochs=args.scaling_epochs)
+    result = {"n_rows": n_rows, "epochs": f"{args.scaling_epochs}+{args.scaling_epochs}"}
+
+    def measure(label, fn):
+        base = _rss_kb()
+        _reset_peak()
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        result[label] = {"wall": time.perf_counter() - w, "cpu": time.process_time() - c,
+                         "peak_mib": (_peak_kb() - base) / 1024}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        measure("fit", lambda: est.fit(X))
+        measure("latent_all", lambda: est.transform(X))
+        measure("latent_one", lambda: est.transform(X, cond_mod="a"))
+        if n_rows <= args.scaling_hmc_max:
+            measure("latent_subset", lambda: est.transform(X, cond_mod=["a", "b"]))
+    return result
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _rss_kb() -> int:
+    return _status_kb("VmRSS")
+
+
+def _peak_kb() -> int:
+    return _status_kb("VmHWM")
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:  # not Linux: the peak then covers the whole process
+        pass
+
+
+def run_scaling(args) -> list[dict]:
+    rows = []
+    for n in args.scaling_sizes:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--scaling-worker", str(n),
+               "--scaling-epochs", str(args.scaling_epochs), "--scaling-hmc-max", str(args.scaling_hmc_max),
+               "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"[scaling] n={n} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"[scaling] n={n}: {rows[-1]}", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------- report
+def fmt(x, digits=3):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.2f}"
+
+
+def ratio(peer, ours):
+    if peer is None or ours is None or ours <= 0:
+        return None
+    return peer / ours
+
+
+def timing_table(name: str, o: dict, p: dict | None, args) -> list[str]:
+    p = p or {}
+    ep = f"{args.joint_epochs}+{args.joint_epochs}" if args.joint_epochs == args.flow_epochs else f"{args.joint_epochs}+{args.flow_epochs}"
+    lines = [f"#### {name}: time (s; median of {args.repeats} after a warm-up; ratio = reference / skjnf)", "",
+             "| figure | skjnf wall | reference wall | ratio (wall) | ratio (CPU) |", "|---|---|---|---|---|"]
+
+    def row(label, ours, peer, ours_cpu=None, peer_cpu=None):
+        lines.append(f"| {label} | {fmt(ours)} | {fmt(peer)} | {fmt(ratio(peer, ours))} | {fmt(ratio(peer_cpu, ours_cpu))} |")
+
+    row(f"fit, {ep} epochs", o["fit"]["wall"], p.get("fit_s"), o["fit"]["cpu"], p.get("fit_cpu_s"))
+    row("  per epoch, stage 1 (joint VAE)", o.get("epoch_joint_s"), p.get("epoch_joint_s"))
+    row("  per epoch, stage 2 (flows)", o.get("epoch_flow_s"), p.get("epoch_flow_s"))
+    row("latent, all modalities", o["latent_all"]["wall"], p.get("encode_all_s"), o["latent_all"]["cpu"], p.get("encode_all_cpu_s"))
+    row("latent, one modality", o["latent_one"]["wall"], p.get("encode_one_s"), o["latent_one"]["cpu"], p.get("encode_one_cpu_s"))
+    if "latent_subset" in o:
+        row("latent, 2 of 3: skjnf mean vs reference one draw", o["latent_subset"]["wall"], p.get("encode_subset_draw_s"),
+            o["latent_subset"]["cpu"], p.get("encode_subset_draw_cpu_s"))
+        row(f"latent, 2 of 3: skjnf mean vs reference mean of {N_CHAINS_REFERENCE} chains", o["latent_subset"]["wall"],
+            p.get("encode_subset_mean_s"), o["latent_subset"]["cpu"], p.get("encode_subset_mean_cpu_s"))
+    row(f"joint log-likelihood, K = {args.nll_k}", o["joint_ll"]["wall"], p.get("nll_s"), o["joint_ll"]["cpu"], p.get("nll_cpu_s"))
+    floor, peer_floor = o["joint_ll_floor"]["wall"], p.get("decoder_floor_s")
+    note = f"skjnf / its floor = {fmt(o['joint_ll']['wall'] / floor)}"
+    if peer_floor and p.get("nll_s"):
+        note += f"; reference / its floor = {fmt(p['nll_s'] / peer_floor)}"
+    lines.append(f"| decoder floor: K·n passes through each implementation's own decoders | {fmt(floor)} | {fmt(peer_floor)} | {note} | |")
+    if p.get("n_parameters"):
+        lines.append(f"| parameters (count) | {o['n_parameters']:,} | {p['n_parameters']:,} | | |")
+    return lines
+
+
+def quality_table(name: str, ds: Dataset, res: dict) -> list[str]:
+    gauss = ds.gaussian is not None
+    lines = [f"#### {name}: held-out quality ({len(next(iter(ds.test.values())))} test rows)", ""]
+    o, p = res["ours"], res.get("peer") or {}
+    ll_line = f"Joint log-likelihood per row (K = {res['nll_k']}): skjnf **{o['joint_ll_mean']:.2f}**"
+    if p:
+        ll_line += f", reference {p['joint_ll_mean']:.2f}"
+    if gauss:
+        ll_line += f", exact {res['exact_ll']:.2f} (skjnf gap {res['exact_ll'] - o['joint_ll_mean']:.2f} nats)"
+    lines += [ll_line + ".", ""]
+    head = "| conditioning → predicted | skjnf MSE | reference MSE (1 draw / 10-chain mean) |"
+    sep = "|---|---|---|"
+    if gauss:
+        head += " Bayes MSE | skjnf / Bayes |"
+        sep += "---|---|"
+    lines += [head, sep]
+    for r in res["quality"]:
+        if "peer_draw" in r:
+            peer = f"{fmt(r['peer_draw'], 4)} / {fmt(r['peer_mean10'], 4)}"
+        else:
+            peer = fmt(r.get("peer"), 4)
+        line = f"| {r['cond']} → {r['targets']} | {fmt(r['ours'], 4)} | {peer} |"
+        if gauss:
+            line += f" {fmt(r.get('bayes'), 4)} | {fmt(r['ours'] / r['bayes']) if r.get('bayes') else '—'} |"
+        lines.append(line)
+    return lines
+
+
+def targets(results: list[dict]) -> list[str]:
+    lines = ["#### Targets", ""]
+    for res in results:
+        o, p, name = res["ours"], res.get("peer"), res["dataset"]
+        if not p:
+            continue
+        checks = []
+        if "latent_subset" in o and p.get("encode_subset_draw_s"):
+            speed = p["encode_subset_draw_s"] / o["latent_subset"]["wall"]
+            subset_rows = [r for r in res["quality"] if "peer_mean10" in r]
+            ours_mse = np.mean([r["ours"] for r in subset_rows])
+            ref_mse = np.mean([r["peer_mean10"] for r in subset_rows])
+            checks.append((f"subset inference ≥ 10× faster than the reference's one-draw call: {speed:.1f}×", speed >= 10))
+            checks.append((f"subset MSE ≤ reference 10-chain mean: {ours_mse:.4f} vs {ref_mse:.4f}", ours_mse <= ref_mse))
+        ll_speed = p["nll_s"] / o["joint_ll"]["wall"]
+        floor_ratio = o["joint_ll"]["wall"] / o["joint_ll_floor"]["wall"]
+        checks.append((f"joint LL ≥ 5× faster: {ll_speed:.1f}×", ll_speed >= 5))
+        checks.append((f"joint LL within 1.5× of the decoder floor: {floor_ratio:.2f}×", floor_ratio <= 1.5))
+        fit_speed = p["fit_s"] / o["fit"]["wall"]
+        checks.append((f"fit no slower (aim 1.5× faster): {fit_speed:.2f}×", fit_speed >= 1))
+        worse = [r["cond"] for r in res["quality"] if "peer" in r and r["ours"] > r["peer"]]
+        checks.append((f"held-out LL no worse: {o['joint_ll_mean']:.2f} vs {p['joint_ll_mean']:.2f}",
+                       o["joint_ll_mean"] >= p["joint_ll_mean"]))
+        checks.append(("cross-modal MSE no worse for every conditioning set"
+                       + (f" (worse for {', '.join(worse)})" if worse else ""), not worse))
+        lines.append(f"- **{name}**")
+        lines += [f"  - {'MET' if ok else 'MISSED'}: {text}" for text, ok in checks]
+    return lines
+
+
+def scaling_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [f"#### Scaling (skjnf only, nonlinear data, {rows[0]['epochs']} epochs; wall s / peak MiB above the start)", "",
+             "| rows | fit | latent, all | latent, one | latent, 2 of 3 |", "|---|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for k in ("fit", "latent_all", "latent_one", "latent_subset"):
+            cells.append(f"{fmt(r[k]['wall'])} s / {max(r[k]['peak_mib'], 0):.0f} MiB" if k in r else "not run")
+        lines.append(f"| {r['n_rows']:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def calibrate(threads: int) -> dict:
+    """Matmul throughput (128x512 @ 512x512, float32) at the run's thread count, and at 1 thread.
+
+    A loaded 2-core machine can make 2-thread torch far slower than 1-thread torch (threads wait
+    at barriers for a sibling that is descheduled); this records what the machine gave this run.
+    """
+    import torch
+
+    out = {}
+    a, w = torch.randn(128, 512), torch.randn(512, 512)
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        a @ w
+        start, count = time.perf_counter(), 0
+        while time.perf_counter() - start < 1.0:
+            a @ w
+            count += 1
+        out[f"gflops_{n}_threads"] = count * 2 * 128 * 512 * 512 / (time.perf_counter() - start) / 1e9
+    torch.set_num_threads(threads)
+    return out
+
+
+def skjnf_version() -> dict:
+    """The skjnf code that ran: git commit, whether skjnf/ had uncommitted changes, key defaults."""
+    info = {}
+    try:
+        root = HERE.parent
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                        text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--short", "skjnf"], cwd=root, capture_output=True, text=True).stdout
+        info["skjnf_dirty"] = bool(dirty.strip())
+    except OSError:
+        pass
+    from skjnf import JNFEstimator
+
+    defaults = JNFEstimator().get_params()
+    info["defaults"] = {k: defaults[k] for k in ("decoder_scale", "n_mcmc_steps", "n_leapfrog", "n_posterior_samples",
+                                                 "step_size") if k in defaults}
+    return info
+
+
+def machine() -> str:
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return f"{os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}, load average at the end {load}"
+
+
+# ------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 300 train / 60 test rows, 2+2 epochs, reference HMC with 10 steps, 1 timed repeat")
+    ap.add_argument("--datasets", nargs="+", default=["linear-gaussian", "nonlinear", "digits"],
+                    choices=["linear-gaussian", "nonlinear", "digits"])
+    ap.add_argument("--n-train", type=int, default=1500, help="training rows of the synthetic sets (digits: 1,347)")
+    ap.add_argument("--n-test", type=int, default=450)
+    ap.add_argument("--joint-epochs", type=int, default=30)
+    ap.add_argument("--flow-epochs", type=int, default=30)
+    ap.add_argument("--latent-dim", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--validation-fraction", type=float, default=0.1)
+    ap.add_argument("--nll-k", type=int, default=100, help="importance samples K of the joint log-likelihood")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="python of the reference venv")
+    ap.add_argument("--peer-mcmc-steps", type=int, default=None,
+                    help="override the reference's HMC steps (default: its own 100); --quick uses 10")
+    ap.add_argument("--no-peer", action="store_true", help="skip the reference")
+    ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--scaling-sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    ap.add_argument("--scaling-epochs", type=int, default=1, help="epochs per stage in the scaling runs")
+    ap.add_argument("--scaling-hmc-max", type=int, default=1000, help="largest size whose 2-of-3 inference is timed")
+    ap.add_argument("--out", default=str(HERE / "results" / "latest"), help="prefix of the .json / .md results")
+    ap.add_argument("--render", default=None, metavar="JSON", help="only re-print the report of a saved results JSON")
+    ap.add_argument("--scaling-worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n_train, args.n_test = min(args.n_train, 300), min(args.n_test, 60)
+        args.joint_epochs, args.flow_epochs = min(args.joint_epochs, 2), min(args.flow_epochs, 2)
+        args.repeats = 1
+        args.peer_mcmc_steps = args.peer_mcmc_steps or 10
+        args.scaling_sizes = [s for s in args.scaling_sizes if s <= 10000][:2] or [1000]
+        args.scaling_hmc_max = min(args.scaling_hmc_max, 1000)
+        args.scaling_epochs = 1
+        if args.out == str(HERE / "results" / "latest"):
+            args.out = str(HERE / "results" / "quick")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.render:
+        return render_saved(args.render)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.scaling_worker is not None:
+        print(json.dumps(scaling_worker(args.scaling_worker, args)))
+        return 0
+    warnings.filterwarnings("ignore", category=UserWarning)
+    stage_timer = StageTimer()
+    have_peer = not args.no_peer and Path(args.peer_python).exists()
+    if not args.no_peer and not have_peer:
+        print(f"[peer] {args.peer_python} not found: running skjnf only (see benchmarks/README.md)", file=sys.stderr)
+    started = time.time()
+    version = skjnf_version()
+    print(f"[skjnf] {version}", flush=True)
+    calibration = {"start": calibrate(args.threads)}
+    print(f"[calibration] {calibration['start']}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="jnf_bench_") as tmp:
+        for ds in make_datasets(args.n_train, args.n_test, args.datasets):
+            print(f"[{ds.name}] skjnf ...", flush=True)
+            ours, ours_preds = run_ours(ds, args, stage_timer)
+            peer, peer_preds = (None, None)
+            if have_peer:
+                print(f"[{ds.name}] reference ...", flush=True)
+                peer, peer_preds = run_peer(ds, args, Path(tmp))
+            res = {"dataset": ds.name, "description": ds.description, "ours": ours, "peer": peer, "nll_k": args.nll_k,
+                   "n_train": len(next(iter(ds.train.values()))), "n_test": len(next(iter(ds.test.values())))}
+            res["quality"] = quality(ds, ours_preds, peer_preds)
+            if ds.gaussian is not None:
+                res["exact_ll"] = float(np.mean(gaussian_log_likelihood(ds, ds.test)))
+            results.append(res)
+            print("\n".join(timing_table(ds.name, ours, peer, args)) + "\n", flush=True)
+            partial = Path(args.out).with_suffix(".partial.json")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"args": vars(args), "results": results, "skjnf": version,
+                                           "calibration": calibration}, indent=1, default=float))
+    scaling = [] if args.no_scaling else run_scaling(args)
+    calibration["end"] = calibrate(args.threads)
+    gflops = "; ".join(
+        f"{when}: " + ", ".join(f"{v:.1f} GFLOP/s at {k.split('_')[1]} thread(s)" for k, v in c.items())
+        for when, c in calibration.items()
+    )
+
+    cmd = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = render(args, results, scaling, cmd, machine(), (time.time() - started) / 60, gflops, version)
+    print(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(report + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results, "scaling": scaling,
+                                                      "machine": machine(), "calibration": calibration, "command": cmd,
+                                                      "skjnf": version,
+                                                      "minutes": (time.time() - started) / 60},
+                                                     indent=1, default=float))
+    print(f"\nwrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    return 0
+
+
+def render(args, results, scaling, cmd, machine_text, minutes, gflops, version=None) -> str:
+    """The markdown report (also rebuilt from a saved JSON by ``--render``)."""
+    version = version or {}
+    code = (f"skjnf at commit {version.get('commit', '?')}" + (" plus uncommitted changes" if version.get("skjnf_dirty") else "")
+            + f"; its defaults used here: {version.get('defaults', 'not recorded')}.")
+    lines = ["### Results", "", f"Command: `{cmd.strip()}`", "", f"Machine: {machine_text}.", code,
+             f"Torch threads: {args.threads} in both processes. Total run time: {minutes:.1f} min.",
+             f"Matmul throughput (128×512 @ 512×512, float32) measured by the run — {gflops}.", "",
+             f"Setting: latent {args.latent_dim}, batch {args.batch_size}, lr {args.lr}, {args.joint_epochs}+{args.flow_epochs} "
+             f"epochs, validation fraction {args.validation_fraction}. skjnf: hidden_sizes=(512, 512), MAF 2 × (128, 128, 128), "
+             "decoder_scale='learn' (its default), its default HMC. Reference (MultiVae 1.0.3 JNF, MultistageTrainer): "
+             f"default networks (encoders 2×512, decoders 1×512 + sigmoid, MAF 2 × 3×128), normal decoder scale "
+             f"**{REFERENCE_SCALE}** for every modality (its default 1.0 collapses the latent on [0, 1] data), "
+             + ("default HMC (100 steps × 10 leapfrog, ε = 0.01)." if not args.peer_mcmc_steps
+                else f"HMC with **{args.peer_mcmc_steps} steps** (reduced for --quick)."), ""]
+    for res in results:
+        ds_args = args
+        lines += timing_table(res["dataset"], res["ours"], res["peer"], ds_args) + [""]
+    ds_by_name = {d.name: d for d in make_datasets(args.n_train, args.n_test, args.datasets)}
+    for res in results:
+        lines += quality_table(res["dataset"], ds_by_name[res["dataset"]], res) + [""]
+    lines += targets(results) + [""]
+    lines += scaling_table(scaling)
+    return "\n".join(lines)
+
+
+def render_saved(path: str) -> int:
+    """``--render PATH``: rebuild the markdown report from a saved (possibly partial) results JSON."""
+    saved = json.loads(Path(path).read_text())
+    args = argparse.Namespace(**saved["args"])
+    calibration = saved.get("calibration", {})
+    gflops = "; ".join(
+        f"{when}: " + ", ".join(f"{v:.1f} GFLOP/s at {k.split('_')[1]} thread(s)" for k, v in c.items())
+        for when, c in calibration.items()
+    ) or "not recorded"
+    report = render(args, saved["results"], saved.get("scaling", []), saved.get("command", "python benchmarks/run.py"),
+                    saved.get("machine", machine()), saved.get("minutes", float("nan")), gflops, saved.get("skjnf"))
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
