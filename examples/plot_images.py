@@ -9,9 +9,6 @@ The figure ``examples/output/images_generation.png`` shows, for test digits, the
 its reconstruction from both modalities, and three images generated from the profile only.
 """
 
-import os
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -20,11 +17,10 @@ import numpy as np
 from sklearn.datasets import load_digits
 from torch import nn
 
+from _digits import QUICK, output_dir
 from skjnf import JNFEstimator
 
-QUICK = os.environ.get("SKJNF_EXAMPLE_QUICK") == "1"  # a few seconds, for CI
-OUTPUT = Path(__file__).resolve().parent / "output"
-OUTPUT.mkdir(exist_ok=True)
+OUTPUT = output_dir(__file__)
 
 
 class ConvEncoder(nn.Module):

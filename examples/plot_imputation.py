@@ -12,38 +12,21 @@ fills in the training mean of every pixel. ``examples/output/imputation_digits.p
 few test digits: the true image, the observed left half, and the left half completed by JNF.
 """
 
-import os
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 
+from _digits import QUICK, digit_views, output_dir
 from skjnf import JNFEstimator
 
-QUICK = os.environ.get("SKJNF_EXAMPLE_QUICK") == "1"  # a few seconds, for CI
-OUTPUT = Path(__file__).resolve().parent / "output"
-OUTPUT.mkdir(exist_ok=True)
+OUTPUT = output_dir(__file__)
 
 # Three modalities of the digits, standardised per modality on the training rows.
-digits = load_digits()
-images, labels = digits.images, digits.target
-views = {
-    "left": images[:, :, :4].reshape(len(images), -1),
-    "right": images[:, :, 4:].reshape(len(images), -1),
-    "profile": np.hstack([images.mean(axis=2), images.mean(axis=1)]),
-}
-train, test = train_test_split(np.arange(len(labels)), test_size=0.25, stratify=labels, random_state=0)
-if QUICK:
-    train, test = train[:300], test[:60]
-scalers = {name: StandardScaler().fit(block[train]) for name, block in views.items()}
-X_train = {name: scalers[name].transform(block[train]) for name, block in views.items()}
-X_test = {name: scalers[name].transform(block[test]) for name, block in views.items()}
+data = digit_views(n_test_quick=60)
+X_train, X_test, images, test, scalers = data.X_train, data.X_test, data.images, data.test, data.scalers
 
 jnf = JNFEstimator(
     latent_dim=8,

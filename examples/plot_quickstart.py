@@ -13,41 +13,23 @@ digits, is scored on each encoding of the test digits: a high score means that a
 view lands where the full observation would, the point of JNF's flow-enriched posteriors.
 """
 
-import os
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 
+from _digits import QUICK, digit_views, output_dir
 from skjnf import JNFEstimator
 
-QUICK = os.environ.get("SKJNF_EXAMPLE_QUICK") == "1"  # a few seconds, for CI
-OUTPUT = Path(__file__).resolve().parent / "output"
-OUTPUT.mkdir(exist_ok=True)
+OUTPUT = output_dir(__file__)
 
 # Three modalities of the same digits, standardised per modality on the training rows.
-digits = load_digits()
-images, labels = digits.images, digits.target
-views = {
-    "left": images[:, :, :4].reshape(len(images), -1),
-    "right": images[:, :, 4:].reshape(len(images), -1),
-    "profile": np.hstack([images.mean(axis=2), images.mean(axis=1)]),
-}
-train, test = train_test_split(np.arange(len(labels)), test_size=0.25, stratify=labels, random_state=0)
-if QUICK:
-    train, test = train[:300], test[:100]
-scalers = {name: StandardScaler().fit(block[train]) for name, block in views.items()}
-X_train = {name: scalers[name].transform(block[train]) for name, block in views.items()}
-X_test = {name: scalers[name].transform(block[test]) for name, block in views.items()}
-y_train, y_test = labels[train], labels[test]
+data = digit_views(n_test_quick=100)
+X_train, X_test, y_train, y_test = data.X_train, data.X_test, data.y_train, data.y_test
 
 # Small networks and budgets keep the run under a minute on two CPU cores.
 jnf = JNFEstimator(

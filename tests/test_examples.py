@@ -50,6 +50,7 @@ def example_runs(tmp_path_factory):
         for script in filter(_available, FIGURES):
             folder = tmp_path_factory.mktemp(Path(script).stem)
             shutil.copy(EXAMPLES / script, folder)
+            shutil.copy(EXAMPLES / "_digits.py", folder)  # the examples' shared data helper
             process = subprocess.Popen(
                 [sys.executable, script], cwd=folder, env=env, text=True,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
