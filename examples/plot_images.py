@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -21,6 +22,7 @@ from _digits import QUICK, output_dir
 from skjnf import JNFEstimator
 
 OUTPUT = output_dir(__file__)
+torch.set_num_threads(1)  # small networks: one thread is fastest on a small, shared CPU
 
 
 class ConvEncoder(nn.Module):

@@ -18,11 +18,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
 from _digits import QUICK, digit_views, output_dir
 from skjnf import JNFEstimator
 
 OUTPUT = output_dir(__file__)
+torch.set_num_threads(1)  # small networks: one thread is fastest on a small, shared CPU
 
 # Three modalities of the digits, standardised per modality on the training rows.
 data = digit_views(n_test_quick=60)

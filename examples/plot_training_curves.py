@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from sklearn.datasets import load_digits
 from sklearn.preprocessing import StandardScaler
 
@@ -27,6 +28,7 @@ from skjnf import JNFEstimator
 QUICK = os.environ.get("SKJNF_EXAMPLE_QUICK") == "1"  # a few seconds, for CI
 OUTPUT = Path(__file__).resolve().parent / "output"
 OUTPUT.mkdir(exist_ok=True)
+torch.set_num_threads(1)  # small networks: one thread is fastest on a small, shared CPU
 
 # The digits as three standardised modalities: left half, right half, ink profile.
 images = load_digits().images[:300] if QUICK else load_digits().images
