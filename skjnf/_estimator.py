@@ -31,6 +31,9 @@ from ._validation import Layout, ModalityData, rebuild_container, validate_X
 
 __all__ = ["JNFEstimator"]
 
+# Warnings raised in private steps use stacklevel=4 to point at the user's call:
+# user code -> public method (or fit's validation wrapper + fit) -> private step -> warn.
+
 
 def _resolve_device(device) -> torch.device:
     if device == "auto":
@@ -402,7 +405,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             warnings.warn(
                 f"fit left out {n_dropped} of {data.n_samples} rows with a missing modality "
                 "(JNF trains on complete rows).",
-                UserWarning, stacklevel=2,
+                UserWarning, stacklevel=4,
             )
         rows = torch.from_numpy(np.flatnonzero(complete))
         return {m: data.blocks[m][rows] for m in layout.names}, n_dropped
@@ -414,7 +417,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
                 warnings.warn(
                     f"validation_fraction={self.validation_fraction} leaves no validation set for {n} "
                     "complete rows; the best epoch is chosen by training loss.",
-                    UserWarning, stacklevel=2,
+                    UserWarning, stacklevel=4,
                 )
             return np.arange(n), np.arange(0)
         order = np.random.default_rng(seed).permutation(n)
@@ -426,7 +429,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         try:
             for stage, epochs, seed in (("joint", self.joint_epochs, seeds[0]), ("flows", self.flow_epochs, seeds[1])):
                 if epochs == 0:
-                    warnings.warn(f"{STAGES[stage]} runs for 0 epochs: its networks stay at initialisation.", UserWarning, stacklevel=2)
+                    warnings.warn(f"{STAGES[stage]} runs for 0 epochs: its networks stay at initialisation.", UserWarning, stacklevel=4)
                 if stage == "flows":  # freeze before the first stage-2 forward (jnf_algorithm.md §2.2)
                     for p in joint_params:
                         p.requires_grad_(False)
@@ -523,13 +526,13 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             warnings.warn(
                 f"HMC acceptance {stats.acceptance:.2f} is far from its 0.75 target; consider a larger "
                 "n_mcmc_steps (longer adaptation) or step_size='auto'.",
-                UserWarning, stacklevel=2,
+                UserWarning, stacklevel=4,
             )
         if stats.escaped_rows:
             warnings.warn(
                 f"HMC chains of row(s) {stats.escaped_rows[:10]} ended far from the origin (|z| > 10): "
                 "the product of experts may be improper for these rows.",
-                UserWarning, stacklevel=2,
+                UserWarning, stacklevel=4,
             )
 
     def transform(self, X, cond_mod=None):
