@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ class HMCStats:
     accepted: float = 0.0
     step_size_sum: float = 0.0
     n_divergent: int = 0
-    escaped_rows: list | None = None
+    escaped_rows: list = field(default_factory=list)
 
     def add(self, result, rows: np.ndarray) -> None:
         n = len(rows)
@@ -55,7 +55,7 @@ class HMCStats:
         self.step_size_sum += float(result.step_size.sum())
         self.n_divergent += int(result.n_divergent)
         escaped = rows[result.escaped.cpu().numpy()]
-        self.escaped_rows = list(self.escaped_rows or []) + escaped.tolist()
+        self.escaped_rows += escaped.tolist()
 
     @property
     def acceptance(self) -> float | None:

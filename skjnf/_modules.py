@@ -220,9 +220,6 @@ class JNFModule(nn.Module):
     def expert_log_prob(self, name: str, z: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
         return expert_log_prob(z, mean, log_var, self.flows[self.index(name)])
 
-    def decode(self, name: str, z: Tensor) -> Tensor:
-        return self.natural_parameters(self.index(name), z)
-
     def log_likelihood(self, name: str, x: Tensor, z: Tensor) -> Tensor:
         """log p(x_m | z), summed over features; z may carry leading sample dimensions."""
         j = self.index(name)
