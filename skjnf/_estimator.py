@@ -20,12 +20,13 @@ from ._inference import (
     conditional_log_likelihood,
     frozen_inference,
     joint_log_likelihood,
+    joint_posterior,
     pattern_generator,
     pattern_groups,
     posterior_latents,
 )
 from ._likelihoods import LIKELIHOODS, make_likelihood
-from ._modules import NETWORK_PARTS, JNFModule, stage1_loss, stage2_loss
+from ._modules import JOINT_LOG_VAR, JOINT_MEAN, NETWORK_PARTS, JNFModule, stage1_loss, stage2_loss
 from ._training import NOISE_KEY, STAGES, StageModule, train_stage
 from ._validation import Layout, ModalityData, rebuild_container, validate_X
 
@@ -95,7 +96,12 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
     latent_dim : int, default=10
         Dimension D of the shared latent space.
     hidden_sizes : tuple of int, default=(512, 512)
-        Widths of the encoder MLPs; decoders use them reversed.
+        Widths of the encoder MLPs (and of the decoders, reversed, unless
+        ``decoder_hidden_sizes`` is given).
+    decoder_hidden_sizes : tuple of int or None, default=None
+        Widths of the decoder MLPs, from the latent outwards; ``None`` uses ``hidden_sizes``
+        reversed. A lighter decoder (e.g. ``(512,)``) trains faster and makes ``score``'s
+        importance sampling cheaper.
     decoder : str or dict, default="normal"
         Likelihood of each modality (a dict maps names to likelihoods; unnamed ones are normal):
         ``"normal"``, ``"laplace"``, ``"bernoulli"`` (0/1 data), ``"categorical"`` (one-hot
@@ -223,6 +229,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         "modalities": [None, dict, StrOptions({"prefix"})],
         "latent_dim": [Interval(Integral, 1, None, closed="left")],
         "hidden_sizes": [list, tuple],
+        "decoder_hidden_sizes": [None, list, tuple],
         "decoder": [StrOptions(set(LIKELIHOODS)), dict],
         "decoder_scale": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto", "learn"}), dict],
         "rescale_likelihoods": ["boolean", dict],
@@ -255,6 +262,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         modalities=None,
         latent_dim=10,
         hidden_sizes=(512, 512),
+        decoder_hidden_sizes=None,
         decoder="normal",
         decoder_scale="auto",
         rescale_likelihoods=False,
@@ -283,6 +291,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         self.modalities = modalities
         self.latent_dim = latent_dim
         self.hidden_sizes = hidden_sizes
+        self.decoder_hidden_sizes = decoder_hidden_sizes
         self.decoder = decoder
         self.decoder_scale = decoder_scale
         self.rescale_likelihoods = rescale_likelihoods
@@ -339,6 +348,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         train = {m: x[train_rows].to(device) for m, x in blocks.items()}
         valid = {m: x[valid_rows].to(device) for m, x in blocks.items()} if len(valid_rows) else None
         history = self._train(module, spec, train, valid, (seed1, seed2), device)
+        module.eval()  # from now on an inference object (user networks may hold dropout / batch norm)
         # Fitted state is assigned only now: a failed (re)fit leaves the previous one intact.
         self._layout, self._spec, self._device = layout, spec, device
         self._inference_seed = inference_seed
@@ -389,6 +399,11 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             "rescale": [float(r) for r in rescale],
             "latent_dim": int(self.latent_dim),
             "hidden_sizes": list(_check_widths(self.hidden_sizes, "hidden_sizes")),
+            "decoder_hidden_sizes": list(
+                reversed(_check_widths(self.hidden_sizes, "hidden_sizes"))
+                if self.decoder_hidden_sizes is None
+                else _check_widths(self.decoder_hidden_sizes, "decoder_hidden_sizes")
+            ),
             "n_flow_blocks": int(self.n_flow_blocks),
             "flow_hidden_sizes": list(_check_widths(self.flow_hidden_sizes, "flow_hidden_sizes")),
         }
@@ -448,6 +463,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             loss, parts = (lambda m, b, e: stage1_loss(m, b, e, rescale, beta)), module.joint_parts()
         else:
             loss, parts = stage2_loss, module.expert_parts()
+            train = _with_joint_posterior(module, train)
+            valid = None if valid is None else _with_joint_posterior(module, valid)
         if valid is not None:
             n_valid = len(next(iter(valid.values())))
             fixed = torch.Generator(device=device).manual_seed(int(valid_seed))
@@ -746,7 +763,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             module = _build_module(spec, None, 0)
             module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
             device = _loaded_device(state.get("device", "cpu"))
-            state["module_"] = module.to(device)
+            state["module_"] = module.to(device).eval()
             state["_device"] = device
         super().__setstate__(state)
 
@@ -842,6 +859,13 @@ def _check_flow(flow, name: str, D: int) -> None:
         raise ValueError(f"Modality {name!r}: the flow's inverse does not undo its forward pass.")
 
 
+def _with_joint_posterior(module: JNFModule, blocks: dict) -> dict:
+    """``blocks`` plus the frozen joint posterior of their rows, for stage 2 (eval mode)."""
+    with frozen_inference(module):
+        mean, log_var = joint_posterior(module, blocks)
+    return {**blocks, JOINT_MEAN: mean, JOINT_LOG_VAR: log_var}
+
+
 def _check_count(value, name: str) -> int:
     if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
@@ -869,4 +893,5 @@ def _build_module(spec: dict, train_blocks: dict | None, seed: int) -> JNFModule
             names, [tuple(shape) for shape in spec["shapes"]], likelihoods, spec["latent_dim"],
             spec["hidden_sizes"], spec["flows"], spec["n_flow_blocks"], spec["flow_hidden_sizes"],
             networks=spec["networks"], decoder_biases=biases,
+            decoder_hidden_sizes=spec.get("decoder_hidden_sizes"),
         )

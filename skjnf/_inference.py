@@ -19,6 +19,7 @@ from ._modules import JNFModule, joint_log_weights
 __all__ = [
     "HMCSettings",
     "frozen_inference",
+    "joint_posterior",
     "pattern_groups",
     "pattern_generator",
     "posterior_latents",
@@ -28,6 +29,8 @@ __all__ = [
 
 #: Most (draws x rows) pushed through a network at once, per device type: bounds memory.
 MAX_BATCH_ELEMENTS = {"cpu": 2**14, "cuda": 2**16}
+#: Budget units one row costs in an encoder pass: its activations are hidden-layer wide.
+JOINT_ROW_COST = 4
 
 
 @dataclass(frozen=True)
@@ -74,13 +77,15 @@ def frozen_inference(module: torch.nn.Module):
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        module.eval()
+        if was_training:  # a fitted module is already in eval mode: skip the recursive walk
+            module.eval()
         with torch.no_grad():
             yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        module.train(was_training)
+        if was_training:
+            module.train()
 
 
 def _row_chunks(n_rows: int, per_row: int, device: torch.device) -> Iterator[slice]:
@@ -88,6 +93,19 @@ def _row_chunks(n_rows: int, per_row: int, device: torch.device) -> Iterator[sli
     step = max(1, budget // max(per_row, 1))
     for start in range(0, n_rows, step):
         yield slice(start, start + step)
+
+
+def joint_posterior(module: JNFModule, blocks: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(mean, log-variance) of q(z | X) for every row, in row chunks: memory bounded in n."""
+    n = len(next(iter(blocks.values())))
+    device = next(iter(blocks.values())).device
+    parts = [
+        module.joint_posterior({name: x[part] for name, x in blocks.items()})
+        for part in _row_chunks(n, JOINT_ROW_COST, device)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def pattern_groups(observed: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -135,7 +153,7 @@ def posterior_latents(
     n, D = len(rows), module.latent_dim
     device = next(iter(blocks.values())).device
     if len(cond) == len(module.names):
-        mean, log_var = module.joint_posterior(blocks)
+        mean, log_var = joint_posterior(module, blocks)
         if n_draws is None:
             return mean
         noise = torch.randn(n_draws, n, D, generator=generator, device=device)
@@ -185,7 +203,7 @@ def _progress_bar(description: str):
 
 def joint_log_likelihood(module: JNFModule, blocks: dict[str, Tensor], n_samples: int, generator) -> Tensor:
     """Importance-weighted log p̂(X) per row (float64), noise (K, D) shared by all rows."""
-    mean, log_var = module.joint_posterior(blocks)
+    mean, log_var = joint_posterior(module, blocks)
     n, device = mean.shape[0], mean.device
     noise = torch.randn(n_samples, module.latent_dim, generator=generator, device=device)
     out = torch.empty(n, dtype=torch.float64, device=device)

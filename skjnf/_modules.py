@@ -18,7 +18,10 @@ from ._distributions import (
 from ._flows import make_flow
 from ._likelihoods import Likelihood
 
-__all__ = ["mlp", "GaussianHead", "JointEncoder", "Decoder", "JNFModule", "stage1_loss", "stage2_loss"]
+__all__ = [
+    "mlp", "GaussianHead", "JointEncoder", "Decoder", "JNFModule",
+    "stage1_loss", "stage2_loss", "JOINT_MEAN", "JOINT_LOG_VAR",
+]
 
 
 def mlp(in_features: int, widths: Sequence[int]) -> nn.Sequential:
@@ -74,11 +77,13 @@ class JointEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """g_m: z (…, D) → natural parameters (…, d_m); linear output, no activation."""
+    """g_m: z (…, D) → natural parameters (…, d_m); linear output, no activation.
 
-    def __init__(self, latent_dim: int, hidden_sizes: Sequence[int], out_features: int):
+    ``widths`` run from the latent outwards (the default model passes ``hidden_sizes`` reversed).
+    """
+
+    def __init__(self, latent_dim: int, widths: Sequence[int], out_features: int):
         super().__init__()
-        widths = tuple(reversed(tuple(hidden_sizes)))
         self.body = mlp(latent_dim, widths)
         self.out = nn.Linear(_out_width(latent_dim, widths), out_features)
 
@@ -124,6 +129,7 @@ def _flat(in_features: int, widths: Sequence[int]) -> nn.Sequential:
 class JNFModule(nn.Module):
     """All of JNF's networks; modalities are addressed by position in ``names``.
 
+    ``decoder_hidden_sizes`` (from the latent outwards) default to ``hidden_sizes`` reversed.
     ``shapes`` are the per-row shapes of the blocks (``(d,)`` for tabular data); blocks travel
     flat, (n, prod(shape)), and are reshaped for user networks. ``networks`` maps modality names
     to ``{part: factory}`` (see ``NETWORK_PARTS``); ``flows`` gives each modality's flow, a name
@@ -142,9 +148,12 @@ class JNFModule(nn.Module):
         flow_hidden_sizes: Sequence[int],
         networks: dict | None = None,
         decoder_biases: Sequence[Tensor] | None = None,
+        decoder_hidden_sizes: Sequence[int] | None = None,
     ):
         super().__init__()
         self.names, self.latent_dim = tuple(names), latent_dim
+        if decoder_hidden_sizes is None:
+            decoder_hidden_sizes = tuple(reversed(tuple(hidden_sizes)))
         self.likelihoods = nn.ModuleList(likelihoods)
         networks = networks or {}
         # encoders read each modality as its likelihood presents it (categorical codes one-hot)
@@ -162,7 +171,7 @@ class JNFModule(nn.Module):
         self.joint_encoder = JointEncoder(trunks, widths, hidden_sizes, latent_dim)
         out_shapes = [shape if lik.n_outputs == math.prod(shape) else (lik.n_outputs,) for lik, shape in zip(likelihoods, shapes)]
         self.decoders = nn.ModuleList(
-            build_part(p.get("decoder"), lambda lik=lik: Decoder(latent_dim, hidden_sizes, lik.n_outputs),
+            build_part(p.get("decoder"), lambda lik=lik: Decoder(latent_dim, decoder_hidden_sizes, lik.n_outputs),
                        f"Modality {n!r}: the decoder", latent_dim=latent_dim, out_shape=out)
             for n, p, lik, out in zip(names, parts, likelihoods, out_shapes)
         )
@@ -256,10 +265,23 @@ def stage1_loss(
     return reconstruction + beta * kl
 
 
+#: Batch keys under which stage 2 receives the frozen joint posterior, computed once per fit.
+JOINT_MEAN, JOINT_LOG_VAR = "__joint_mean__", "__joint_log_var__"
+
+
 def stage2_loss(module: JNFModule, blocks: dict[str, Tensor], noise: Tensor) -> Tensor:
-    """Per-row Σ_j −log q_j(z | x_j), z one draw of the frozen joint posterior."""
-    with torch.no_grad():
-        z = reparameterize(*module.joint_posterior(blocks), noise)
+    """Per-row Σ_j −log q_j(z | x_j), z one draw of the frozen joint posterior.
+
+    The joint posterior's (mean, log-variance) come from ``blocks[JOINT_MEAN]`` and
+    ``blocks[JOINT_LOG_VAR]`` when present (the joint part is frozen in stage 2, so they are
+    computed once, not every epoch), else from the joint encoder.
+    """
+    if JOINT_MEAN in blocks:
+        mean, log_var = blocks[JOINT_MEAN], blocks[JOINT_LOG_VAR]
+    else:
+        with torch.no_grad():
+            mean, log_var = module.joint_posterior(blocks)
+    z = reparameterize(mean, log_var, noise)
     loss = 0.0
     for name in module.names:
         mean, log_var = module.expert_posterior(name, blocks[name])

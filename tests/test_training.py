@@ -14,7 +14,7 @@ import skjnf._estimator as estimator_module
 import skjnf._training as training
 from skjnf._distributions import gaussian_log_prob
 from skjnf._likelihoods import Bernoulli, Laplace, Normal
-from skjnf._modules import JNFModule, stage1_loss, stage2_loss
+from skjnf._modules import JOINT_LOG_VAR, JOINT_MEAN, JNFModule, stage1_loss, stage2_loss
 
 
 def _tiny_module(seed=0):
@@ -51,6 +51,28 @@ def test_stage_losses_match_the_formulas_by_hand():
         u, log_det = module.flows[j](z.detach())
         expected2 = expected2 - (torch.distributions.Normal(m, torch.exp(0.5 * lv)).log_prob(u).sum(-1) + log_det)
     torch.testing.assert_close(stage2_loss(module, blocks, noise), expected2, atol=1e-6, rtol=0)
+    # fit hands stage 2 the frozen joint posterior once, instead of re-encoding every batch
+    cached = {**blocks, JOINT_MEAN: mean.detach(), JOINT_LOG_VAR: log_var.detach()}
+    torch.testing.assert_close(stage2_loss(module, cached, noise), expected2, atol=1e-6, rtol=0)
+
+
+def test_fused_adam_makes_the_same_updates_as_adam():
+    torch.manual_seed(0)
+    params = [torch.randn(30, 20, requires_grad=True), torch.randn(20, requires_grad=True)]
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    initial = [p.detach().clone() for p in params]
+    ours, plain = training.fused_adam(params, lr=0.01), torch.optim.Adam(copies, lr=0.01)
+    directions = [torch.randn_like(p) for p in params]
+    for step in range(5):
+        grads = [(step + 1.0) * d for d in directions]  # steady directions: every entry keeps moving
+        for group, grad in ((params, grads), (copies, grads)):
+            for p, g in zip(group, grad):
+                p.grad = g.clone()
+        ours.step()
+        plain.step()
+    for p, q, start in zip(params, copies, initial):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+        assert (p - start).abs().min() > 0.01  # five steps of lr 0.01 moved every entry
 
 
 def _joint_state(module):
