@@ -18,6 +18,7 @@ from ._inference import (
     HMCSettings,
     HMCStats,
     conditional_log_likelihood,
+    decode_in_chunks,
     frozen_inference,
     joint_log_likelihood,
     joint_posterior,
@@ -596,7 +597,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         }[output]
         with frozen_inference(module):
             for name in names or self.modality_names_:
-                out[name] = decode(name, latent).cpu().numpy()
+                out[name] = decode_in_chunks(lambda z, name=name: decode(name, z), latent).cpu().numpy()
         return out
 
     def predict(self, X, cond_mod=None):

@@ -147,11 +147,15 @@ def test_hmc_subset_mean_is_between_the_experts(fitted, views, cond):
 def test_joint_inference_in_row_chunks_equals_one_pass(fitted, views, monkeypatch):
     """Rows are encoded in chunks (memory bounded in n): results equal one full-batch pass."""
     X, _, _ = views
-    whole = fitted.transform(X)
-    log_p = fitted.score_samples(X)
+    whole, predicted = fitted.transform(X), fitted.predict({"a": X["a"]})
+    log_p, log_p_given_a = fitted.score_samples(X), fitted.score_samples(X, cond_mod="a")
     monkeypatch.setitem(inference.MAX_BATCH_ELEMENTS, "cpu", 4 * inference.JOINT_ROW_COST)  # chunks of 4 rows
+    monkeypatch.setitem(inference.DECODE_BATCH_ELEMENTS, "cpu", 5)  # importance samples split too (K = 16)
     np.testing.assert_allclose(fitted.transform(X), whole, atol=1e-5)
     np.testing.assert_allclose(fitted.score_samples(X), log_p, atol=1e-4)
+    np.testing.assert_allclose(fitted.score_samples(X, cond_mod="a"), log_p_given_a, atol=1e-4)
+    for name, block in fitted.predict({"a": X["a"]}).items():
+        np.testing.assert_allclose(block, predicted[name], atol=1e-5)
     with torch.no_grad():
         mean, _ = fitted.module_.joint_posterior({m: torch.tensor(x, dtype=torch.float32) for m, x in X.items()})
     np.testing.assert_allclose(whole, mean.numpy(), atol=1e-5)
