@@ -29,6 +29,8 @@ import time
 import types
 import warnings
 
+from _timing import fastest_chunking, timed  # benchmarks/ is this script's directory
+
 
 def _stub_torchvision() -> None:
     """Register an empty ``torchvision`` package before MultiVae imports it.
@@ -65,17 +67,6 @@ def _stub_torchvision() -> None:
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
         sys.meta_path.insert(0, _Finder())
-
-
-def _median_time(fn, repeats: int):
-    """(median wall s, all wall s, median CPU s, last result) over ``repeats`` timed calls."""
-    times, cpus, result = [], [], None
-    for _ in range(repeats):
-        start, cpu = time.perf_counter(), time.process_time()
-        result = fn()
-        times.append(time.perf_counter() - start)
-        cpus.append(time.process_time() - cpu)
-    return statistics.median(times), times, statistics.median(cpus), result
 
 
 def main(data_path: str, config_path: str, out_prefix: str) -> None:
@@ -205,16 +196,15 @@ def main(data_path: str, config_path: str, out_prefix: str) -> None:
     # the posterior-mean call (return_mean=True) gives the predictions.
     model.encode(warm)
     model.encode(warm, cond_mod=[names[0]])
-    out["encode_all_s"], out["encode_all_all_s"], out["encode_all_cpu_s"], _ = _median_time(
-        lambda: model.encode(test), cfg["repeats"]
-    )
+    t, _ = timed(lambda: model.encode(test), cfg["repeats"])
+    out["encode_all_s"], out["encode_all_all_s"], out["encode_all_cpu_s"] = t["wall"], t["walls"], t["cpu"]
     z = model.encode(test, return_mean=True).z.detach()
     preds.update({f"pred__{key(names)}__{m}": x for m, x in decode(z).items()})
     one_times, one_cpus = [], []
     for m in names:
-        t, _, c, _ = _median_time(lambda: model.encode(test, cond_mod=[m]), cfg["repeats"])
-        one_times.append(t)
-        one_cpus.append(c)
+        t, _ = timed(lambda m=m: model.encode(test, cond_mod=[m]), cfg["repeats"])
+        one_times.append(t["wall"])
+        one_cpus.append(t["cpu"])
         z = model.encode(test, cond_mod=[m], return_mean=True).z.detach()
         preds.update({f"pred__{m}__{t_}": x for t_, x in decode(z).items()})
     out["encode_one_s"] = statistics.median(one_times)
@@ -247,25 +237,15 @@ def main(data_path: str, config_path: str, out_prefix: str) -> None:
     # ---------------------------------------------------------------- joint log-likelihood
     K = cfg["nll_K"]
     model.compute_joint_nll(warm, K=K, batch_size_K=K)
-    out["nll_s"], out["nll_all_s"], out["nll_cpu_s"], nll = _median_time(
-        lambda: model.compute_joint_nll(test, K=K, batch_size_K=K), cfg["repeats"]
-    )
+    t, nll = timed(lambda: model.compute_joint_nll(test, K=K, batch_size_K=K), cfg["repeats"])
+    out["nll_s"], out["nll_all_s"], out["nll_cpu_s"] = t["wall"], t["walls"], t["cpu"]
     out["joint_ll_mean"] = -float(nll) / n_test
     # floor: the K·n decoder forward passes alone, no_grad, the fastest of the chunkings run.py tries
     z = torch.randn(K * n_test, cfg["latent_dim"], generator=torch.Generator().manual_seed(0))
-    floors = []
-    for chunk in cfg.get("floor_chunks", [None]):
-        step = chunk or len(z)
-
-        def decoders_only(step=step):
-            with torch.no_grad():
-                for start in range(0, len(z), step):
-                    for m in names:
-                        model.decoders[m](z[start:start + step])
-
-        decoders_only()
-        floors.append(_median_time(decoders_only, max(cfg["repeats"], 5))[0])
-    out["decoder_floor_s"] = min(floors)
+    with torch.no_grad():
+        floor = fastest_chunking(lambda rows: [model.decoders[m](z[rows]) for m in names], len(z),
+                                 cfg.get("floor_chunks", [None]), max(cfg["repeats"], 5))
+    out["decoder_floor_s"] = floor["wall"]
     out["n_parameters"] = int(sum(p.numel() for p in model.parameters()))
 
     np.savez(out_prefix + ".npz", **preds)

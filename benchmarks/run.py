@@ -42,6 +42,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from _data import Dataset, gaussian_log_likelihood, gaussian_predict, make_datasets  # noqa: E402
+from _timing import fastest_chunking, timed  # noqa: E402
 
 DEFAULT_PEER_PYTHON = os.environ.get("JNF_PEER_PYTHON", "/work/peer-venv/bin/python")
 AUTO_SCALE_FRACTION = 0.5  # skjnf's decoder_scale="auto": half the RMS feature std of each modality
@@ -49,17 +50,6 @@ N_CHAINS_REFERENCE = 10  # the reference's best subset protocol: mean latent of 
 
 
 # ------------------------------------------------------------------------------- helpers
-def timed(fn, repeats: int):
-    """Median wall and CPU seconds over ``repeats`` calls (after the caller's warm-up)."""
-    walls, cpus, result = [], [], None
-    for _ in range(repeats):
-        w, c = time.perf_counter(), time.process_time()
-        result = fn()
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return {"wall": statistics.median(walls), "cpu": statistics.median(cpus), "walls": walls}, result
-
-
 def subsets_of(names, sizes):
     return [list(s) for k in sizes for s in itertools.combinations(names, k)]
 
@@ -276,24 +266,12 @@ def decoder_floor(est, test: dict, args) -> dict:
     z = torch.randn(args.nll_k * n, args.latent_dim, generator=torch.Generator().manual_seed(0))
     was_training = module.training
     module.eval()
-    best = None
     try:
         with torch.no_grad():
-            for chunk in FLOOR_CHUNKS:
-                step = chunk or len(z)
-
-                def run(step=step):
-                    for start in range(0, len(z), step):
-                        for decoder in module.decoders:
-                            decoder(z[start:start + step])
-
-                run()
-                t, _ = timed(run, max(args.repeats, 5))
-                if best is None or t["wall"] < best["wall"]:
-                    best = {**t, "chunk": chunk}
+            return fastest_chunking(lambda rows: [decoder(z[rows]) for decoder in module.decoders], len(z),
+                                    FLOOR_CHUNKS, max(args.repeats, 5))
     finally:
         module.train(was_training)
-    return best
 
 
 # ------------------------------------------------------------------------------- reference side
