@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -96,20 +97,28 @@ class HMCResult:
     escaped: Tensor
 
 
-def product_of_experts_log_prob(z: Tensor, experts: Sequence[Expert]) -> Tensor:
-    """Unnormalised log π_S(z) = Σ_j log q_j(z | x_j) − (s − 1)·log N(z; 0, I).
+def product_of_experts_log_prob(
+    z: Tensor, experts: Sequence[Expert], divisor: Callable[[Tensor], Tensor] = std_normal_log_prob
+) -> Tensor:
+    """Unnormalised log π_S(z) = Σ_j log q_j(z | x_j) − (s − 1)·log r(z).
 
     ``z`` has shape (..., n, D) and each expert's mean and log-variance (n, D); returns (..., n).
+    ``divisor`` is log r: the prior N(0, I) by default (the paper's product), or the experts'
+    own marginal, the joint encoder's aggregate posterior (jnf_algorithm.md §4.2).
     """
     log_prob = sum(expert_log_prob(z, mean, log_var, flow) for mean, log_var, flow in experts)
-    return log_prob - (len(experts) - 1) * std_normal_log_prob(z)
+    return log_prob - (len(experts) - 1) * divisor(z)
 
 
-def _log_target_and_grad(z: Tensor, experts: Sequence[Expert]) -> tuple[Tensor, Tensor]:
-    """log π_S and its gradient in z, chains treated independently; nothing else is differentiated."""
+#: A chunk's unnormalised log target: z (C, n_chunk, D) -> (C, n_chunk).
+LogTarget = Callable[[Tensor], Tensor]
+
+
+def _log_target_and_grad(z: Tensor, target: LogTarget) -> tuple[Tensor, Tensor]:
+    """log π and its gradient in z, chains treated independently; nothing else is differentiated."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
-        log_prob = product_of_experts_log_prob(z, experts)
+        log_prob = target(z)
         (grad,) = torch.autograd.grad(log_prob.sum(), z)
     return log_prob.detach(), grad
 
@@ -197,13 +206,13 @@ def _leapfrog(
     step: Tensor,
     inverse_mass: Tensor,
     n_leapfrog: int,
-    experts: Sequence[Expert],
+    target: LogTarget,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``n_leapfrog`` steps from (z, p) with the cached gradient; one target evaluation per step."""
     momentum = momentum + 0.5 * step * grad
     for i in range(n_leapfrog):
         z = z + step * inverse_mass * momentum
-        log_prob, grad = _log_target_and_grad(z, experts)
+        log_prob, grad = _log_target_and_grad(z, target)
         momentum = momentum + (step if i < n_leapfrog - 1 else 0.5 * step) * grad
     return z, momentum, log_prob, grad
 
@@ -214,15 +223,15 @@ def _is_finite_state(z: Tensor, log_prob: Tensor, grad: Tensor) -> Tensor:
 
 
 def _start_chains(
-    experts: Sequence[Expert], n_chains: int, generator: torch.Generator
+    experts: Sequence[Expert], target: LogTarget, n_chains: int, generator: torch.Generator
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Initial positions with their cached target and gradient; non-finite starts move to 0."""
     z = _initial_positions(experts, n_chains, generator)
-    log_prob, grad = _log_target_and_grad(z, experts)
+    log_prob, grad = _log_target_and_grad(z, target)
     finite = _is_finite_state(z, log_prob, grad)
     if not bool(finite.all()):
         z = torch.where(finite[..., None], z, torch.zeros_like(z))
-        log_prob, grad = _log_target_and_grad(z, experts)
+        log_prob, grad = _log_target_and_grad(z, target)
     return z, log_prob, grad
 
 
@@ -231,7 +240,7 @@ def _hmc_transition(
     step: Tensor,
     inverse_mass: Tensor,
     n_leapfrog: int,
-    experts: Sequence[Expert],
+    target: LogTarget,
     generator: torch.Generator,
 ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, Tensor, Tensor]:
     """One HMC iteration of every chain.
@@ -246,7 +255,7 @@ def _hmc_transition(
     momentum = momentum / inverse_mass.sqrt()  # p ~ N(0, M)
     energy = -log_prob + 0.5 * (momentum**2 * inverse_mass).sum(-1)
     z_new, momentum, log_prob_new, grad_new = _leapfrog(
-        z, momentum, grad, step[..., None], inverse_mass, n_leapfrog, experts
+        z, momentum, grad, step[..., None], inverse_mass, n_leapfrog, target
     )
     energy_new = -log_prob_new + 0.5 * (momentum**2 * inverse_mass).sum(-1)
     valid = _is_finite_state(z_new, log_prob_new, grad_new) & torch.isfinite(energy_new)
@@ -267,6 +276,7 @@ def _hmc_transition(
 
 def _hmc_rows(
     experts: Sequence[Expert],
+    target: LogTarget,
     n_chains: int,
     n_steps: int,
     n_leapfrog: int,
@@ -275,7 +285,7 @@ def _hmc_rows(
     adapt_mass: bool,
 ) -> HMCResult:
     """HMC for one chunk of rows: all chains of all rows advance together as one (C, n, D) tensor."""
-    state = _start_chains(experts, n_chains, generator)
+    state = _start_chains(experts, target, n_chains, generator)
     n_rows, dim = state[0].shape[1:]
     device, dtype = state[0].device, state[0].dtype
     adapt_step = step_size == "auto"
@@ -294,7 +304,7 @@ def _hmc_rows(
     n_divergent = torch.zeros((), device=device, dtype=torch.int64)
     for t in range(1, n_steps + 1):
         state, accept, log_accept, divergent = _hmc_transition(
-            state, step, inverse_mass, n_leapfrog, experts, generator
+            state, step, inverse_mass, n_leapfrog, target, generator
         )
         if t > n_burn:
             position_sum += state[0].sum(0, dtype=torch.float64)
@@ -360,8 +370,9 @@ def hmc_sample(
     max_chain_rows: int | None = None,
     adapt_mass: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    log_target: Callable[[Tensor, slice], Tensor] | None = None,
 ) -> HMCResult:
-    """Sample the product-of-experts posterior π_S of every row with HMC.
+    """Sample the product-of-experts posterior π_S of every row (or another target) with HMC.
 
     Parameters
     ----------
@@ -386,6 +397,11 @@ def hmc_sample(
         [n_burn/4, n_burn/2), then restart step-size adaptation.
     progress : callable, optional
         Called as ``progress(chunk_index, n_chunks)`` after each chunk of rows.
+    log_target : callable, optional
+        ``log_target(z, rows)``: the unnormalised log target of rows ``rows`` (a slice) at
+        z (C, n_rows, D), shape (C, n_rows). ``None``: the product of ``experts`` divided by the
+        prior, :func:`product_of_experts_log_prob`. The experts still start the chains and set
+        the first step size.
 
     Returns
     -------
@@ -436,8 +452,12 @@ def hmc_sample(
     for index, start in enumerate(starts):
         rows = slice(start, start + rows_per_chunk)
         chunk_experts = [(mean[rows], log_var[rows], flow) for mean, log_var, flow in experts]
+        if log_target is None:
+            target = partial(product_of_experts_log_prob, experts=chunk_experts)
+        else:
+            target = partial(log_target, rows=rows)
         chunks.append(
-            _hmc_rows(chunk_experts, n_chains, n_steps, n_leapfrog, step_size, generator, adapt_mass)
+            _hmc_rows(chunk_experts, target, n_chains, n_steps, n_leapfrog, step_size, generator, adapt_mass)
         )
         if progress is not None:
             progress(index, len(starts))

@@ -12,11 +12,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._distributions import reparameterize
-from ._hmc import hmc_sample
+from ._distributions import reparameterize, std_normal_log_prob
+from ._hmc import hmc_sample, product_of_experts_log_prob
 from ._modules import JNFModule, joint_log_weights
 
 __all__ = [
+    "SUBSET_POSTERIORS",
     "HMCSettings",
     "frozen_inference",
     "joint_posterior",
@@ -128,13 +129,79 @@ def pattern_generator(seed: int, pattern: np.ndarray, device: torch.device) -> t
     return torch.Generator(device=device).manual_seed(int(state) & ((1 << 63) - 1))
 
 
-def _expert_draws(module: JNFModule, name: str, x: Tensor, noise: Tensor) -> Tensor:
-    """f_j⁻¹(μ_j + σ_j·ε) for noise of shape (P, n, D) or (P, 1, D); returns (P, n, D)."""
-    mean, log_var = module.expert_posterior(name, x)
+#: How the posterior given a subset of 2..M-1 modalities is computed (``subset_posterior``).
+SUBSET_POSTERIORS = ("amortized", "product", "product_prior", "generative")
+
+
+def _flow_draws(base: tuple[Tensor, Tensor], flow: torch.nn.Module, noise: Tensor) -> Tensor:
+    """f⁻¹(μ + σ·ε) for a base Gaussian (μ, log σ²) of shape (n, D), noise (P, n, D) or (P, 1, D)."""
+    mean, log_var = base
     u = reparameterize(mean, log_var, noise)
     u = u.expand(noise.shape[0], *mean.shape)
-    z, _ = module.flows[module.index(name)].inverse(u.reshape(-1, u.shape[-1]))
+    z, _ = flow.inverse(u.reshape(-1, u.shape[-1]))
     return z.reshape(u.shape)
+
+
+def support_radius(latent_dim: int) -> float:
+    """Squared Mahalanobis radius holding all but 1e-6 of a D-dimensional Gaussian's mass.
+
+    The χ²_D quantile at 1 − 1e-6 by the Wilson–Hilferty approximation, slightly conservative:
+    15 % too large at D = 1, 2 % at D = 10.
+    """
+    c = 2.0 / (9.0 * latent_dim)
+    return latent_dim * (1.0 - c + SUPPORT_QUANTILE_Z * math.sqrt(c)) ** 3
+
+
+#: Standard normal quantile at 1 − 1e-6: draws beyond this much of the aggregate posterior are tails.
+SUPPORT_QUANTILE_Z = 4.753
+
+
+def _supported_mean(module: JNFModule, draws: Tensor, fallback: Tensor) -> Tensor:
+    """Mean over draws (P, n, D) inside the aggregate posterior's support; ``fallback`` (n, D) if none.
+
+    A flow posterior's far tails (where its inverse amplifies the base noise most) can put a
+    few draws hundreds of units out; the experts integrate to the aggregate posterior, so mass
+    beyond its 1 − 1e-6 region is an artefact, and one such draw would ruin a row's mean.
+    """
+    inside = (module.aggregate_whitened(draws) ** 2).sum(-1) <= support_radius(module.latent_dim)
+    count = inside.sum(0)
+    total = torch.where(inside[..., None], draws, torch.zeros_like(draws)).sum(0)
+    return torch.where((count > 0)[:, None], total / count.clamp(min=1)[:, None], fallback)
+
+
+def _flow_posterior(
+    module: JNFModule, encode, flow, n: int, n_draws: int | None, n_mean_samples: int, generator
+) -> Tensor:
+    """Mean (n, D) or draws (n_draws, n, D) of a flow posterior whose base ``encode(rows)`` gives.
+
+    The mean averages ``n_mean_samples`` draws inside the aggregate posterior's support
+    (:func:`_supported_mean`); a row with none falls back to f⁻¹ of its base mean.
+    """
+    device, D = generator.device, module.latent_dim
+    if n_draws is None:  # common random numbers: a row's mean never depends on its batch mates
+        noise = torch.randn(n_mean_samples, 1, D, generator=generator, device=device)
+        chunks = []
+        for part in _row_chunks(n, n_mean_samples, device):
+            base = encode(part)
+            chunks.append(_supported_mean(module, _flow_draws(base, flow, noise), flow.inverse(base[0])[0]))
+        return torch.cat(chunks)
+    noise = torch.randn(n_draws, n, D, generator=generator, device=device)
+    chunks = [_flow_draws(encode(part), flow, noise[:, part]) for part in _row_chunks(n, n_draws, device)]
+    return torch.cat(chunks, dim=1)
+
+
+def _subset_log_target(module: JNFModule, blocks: dict[str, Tensor], cond: Sequence[str], experts, method: str):
+    """``log_target(z, rows)`` of HMC for a subset posterior ``method`` other than "amortized"."""
+    if method == "generative":  # the model's own posterior: p(z) Π_{j∈S} p(x_j | z)
+        def log_target(z, rows):
+            return std_normal_log_prob(z) + sum(module.log_likelihood(m, blocks[m][rows], z) for m in cond)
+        return log_target
+    divisor = module.aggregate_log_prob if method == "product" else std_normal_log_prob
+
+    def log_target(z, rows):
+        chunk = [(mean[rows], log_var[rows], flow) for mean, log_var, flow in experts]
+        return product_of_experts_log_prob(z, chunk, divisor)
+    return log_target
 
 
 def posterior_latents(
@@ -149,11 +216,15 @@ def posterior_latents(
     stats: HMCStats,
     rows: np.ndarray,
     progress: bool = False,
+    subset_posterior: str = "amortized",
 ) -> Tensor:
     """Posterior mean (``n_draws=None``, shape (n, D)) or draws (n_draws, n, D) given ``cond``.
 
     ``cond`` = every modality: the joint encoder; one: that expert through its flow; otherwise
-    HMC on the product of experts. ``blocks`` holds the rows of one observed pattern.
+    ``subset_posterior``: "amortized", the subset encoder through its flow; else HMC on the
+    product of experts divided by the aggregate posterior ("product") or by the prior
+    ("product_prior", the paper's), or on the decoders' posterior ("generative").
+    ``blocks`` holds the rows of one observed pattern.
     """
     n, D = len(rows), module.latent_dim
     device = next(iter(blocks.values())).device
@@ -165,19 +236,19 @@ def posterior_latents(
         return reparameterize(mean, log_var, noise)
     if len(cond) == 1:
         name = cond[0]
-        if n_draws is None:  # common random numbers: a row's mean never depends on its batch mates
-            noise = torch.randn(n_mean_samples, 1, D, generator=generator, device=device)
-            chunks = [
-                _expert_draws(module, name, blocks[name][part], noise).mean(0)
-                for part in _row_chunks(n, n_mean_samples, device)
-            ]
-            return torch.cat(chunks)
-        noise = torch.randn(n_draws, n, D, generator=generator, device=device)
-        chunks = [
-            _expert_draws(module, name, blocks[name][part], noise[:, part])
-            for part in _row_chunks(n, n_draws, device)
-        ]
-        return torch.cat(chunks, dim=1)
+
+        def encode(part: slice) -> tuple[Tensor, Tensor]:
+            return module.expert_posterior(name, blocks[name][part])
+
+        return _flow_posterior(module, encode, module.flows[module.index(name)], n, n_draws, n_mean_samples, generator)
+    if subset_posterior == "amortized":
+        mask = torch.tensor([[float(m in cond) for m in module.names]], device=device)
+
+        def encode(part: slice) -> tuple[Tensor, Tensor]:
+            sub = {m: x[part] for m, x in blocks.items()}
+            return module.subset_posterior(sub, mask.expand(len(next(iter(sub.values()))), -1))
+
+        return _flow_posterior(module, encode, module.subset_flow, n, n_draws, n_mean_samples, generator)
     experts = []
     for name in cond:
         mean, log_var = module.expert_posterior(name, blocks[name])
@@ -186,6 +257,7 @@ def posterior_latents(
     result = hmc_sample(
         experts, n_chains, hmc.n_steps, hmc.n_leapfrog, hmc.step_size, generator,
         progress=_progress_bar(f"HMC on {n} rows given {cond}") if progress else None,
+        log_target=_subset_log_target(module, blocks, cond, experts, subset_posterior),
     )
     stats.add(result, rows)
     return result.mean if n_draws is None else result.draws

@@ -59,47 +59,77 @@ class BatchIterator:
 
 
 class StageModule(nn.Module):
-    """One stage as skorch sees it: ``forward(**batch)`` returns the per-row stage loss."""
+    """One stage as skorch sees it: ``forward(**batch)`` returns the per-row stage loss.
 
-    def __init__(self, jnf: nn.Module, loss: Callable, trainable: list[nn.Module], generator, label: str):
+    ``parts`` are groups of modules with disjoint parameters and ``part_losses(jnf, batch,
+    noise)`` returns one per-row loss per part; the stage loss is their sum. Stage 1 is one part
+    (the joint VAE); stage 2 has one per expert and one for the subset posterior.
+    """
+
+    def __init__(self, jnf: nn.Module, part_losses: Callable, parts: list[list[nn.Module]], generator, label: str,
+                 noise_dim: int):
         super().__init__()
         self.jnf = jnf
-        self.loss, self.generator, self.label = loss, generator, label
-        self._trainable = trainable
+        self.part_losses, self.generator, self.label, self.noise_dim = part_losses, generator, label, noise_dim
+        self._parts = parts
 
-    def named_trainable_parameters(self):
-        for i, part in enumerate(self._trainable):
-            for name, param in part.named_parameters():
-                yield f"part{i}.{name}", param
+    @property
+    def n_parts(self) -> int:
+        return len(self._parts)
 
-    def trainable_state(self) -> list[Tensor]:
-        return [p.detach().cpu().clone() for _, p in self.named_trainable_parameters()]
+    def named_trainable_parameters(self, parts=None):
+        for i in range(self.n_parts) if parts is None else parts:
+            for k, module in enumerate(self._parts[i]):
+                for name, param in module.named_parameters():
+                    yield f"part{i}.{k}.{name}", param
 
-    def load_trainable_state(self, state: list[Tensor]) -> None:
+    def trainable_state(self, parts=None) -> list[Tensor]:
+        return [p.detach().cpu().clone() for _, p in self.named_trainable_parameters(parts)]
+
+    def load_trainable_state(self, state: list[Tensor], parts=None) -> None:
         with torch.no_grad():
-            for (_, param), saved in zip(self.named_trainable_parameters(), state):
+            for (_, param), saved in zip(self.named_trainable_parameters(parts), state):
                 param.copy_(saved)
 
-    def forward(self, **batch: Tensor) -> Tensor:
+    def _noise(self, batch: dict[str, Tensor]) -> Tensor:
         noise = batch.pop(NOISE_KEY, None)
         if noise is None:
             n = len(next(iter(batch.values())))
             device = next(iter(batch.values())).device
-            noise = torch.randn(n, self.jnf.latent_dim, generator=self.generator, device=device)
-        return self.loss(self.jnf, batch, noise)
+            noise = torch.randn(n, self.noise_dim, generator=self.generator, device=device)
+        return noise
+
+    def forward(self, **batch: Tensor) -> Tensor:
+        return sum(self.part_losses(self.jnf, batch, self._noise(batch)))
+
+    @torch.no_grad()
+    def mean_part_losses(self, data: dict[str, Tensor], batch_size: int) -> list[float]:
+        """Each part's mean per-row loss over ``data`` (with its fixed noise), in eval mode."""
+        was_training = self.training
+        self.eval()
+        n = len(next(iter(data.values())))
+        totals = [0.0] * self.n_parts
+        for start in range(0, n, batch_size):
+            batch = {key: value[start : start + batch_size] for key, value in data.items()}
+            for i, loss in enumerate(self.part_losses(self.jnf, batch, self._noise(batch))):
+                totals[i] += float(loss.sum())
+        self.train(was_training)
+        return [total / n for total in totals]
 
 
-def fused_adam(params, lr: float) -> torch.optim.Optimizer:
-    """Adam with the fused kernel where this torch and device have one (CPU since torch 2.4).
+def fused_adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam (AdamW: decoupled weight decay, when ``weight_decay`` > 0) with the fused kernel where
+    this torch and device have one (CPU since torch 2.4).
 
     Same update as the default implementation; on CPU it is ~10x faster per step, which for
     JNF's 0.5-2M parameters and small batches is a third of the training time.
     """
     params = list(params)
+    optimizer = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return optimizer(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):  # older torch, or a device without the kernel
-        return torch.optim.Adam(params, lr=lr)
+        return optimizer(params, lr=lr, weight_decay=weight_decay)
 
 
 class _StopStage(Exception):
@@ -107,28 +137,54 @@ class _StopStage(Exception):
 
 
 class BestEpoch(Callback):
-    """Keeps a CPU copy of the trainable weights at the best epoch, restores them at the end."""
+    """Keeps a CPU copy of each part's weights at its best epoch, restores them at the end.
 
-    def __init__(self, monitor: str, patience: int | None):
-        self.monitor, self.patience = monitor, patience
+    With a validation set every part of the stage is judged by its own validation loss: the
+    parts have disjoint parameters and the stage loss is their sum, so this is the same as
+    training each part alone with its own best epoch (one expert that overfits early no longer
+    holds the others back, nor drags them along). Without one, the whole stage is judged by its
+    training loss. Early stopping ends the stage once no part improved for ``patience`` epochs.
+    """
+
+    def __init__(self, monitor: str, patience: int | None, valid: dict[str, Tensor] | None, batch_size: int):
+        self.monitor, self.patience, self.valid, self.batch_size = monitor, patience, valid, batch_size
 
     def initialize(self):
-        self.best_loss_, self.best_epoch_, self.state_, self.misses_ = math.inf, 0, None, 0
+        self.best_losses_, self.best_epochs_, self.states_, self.misses_ = None, None, None, 0
         return self
 
+    def _part_losses(self, net) -> list[float]:
+        if self.valid is None or net.module_.n_parts == 1:  # skorch's own figure is the one needed
+            return [net.history[-1, self.monitor]]
+        return net.module_.mean_part_losses(dict(self.valid), self.batch_size)
+
     def on_epoch_end(self, net, **kwargs):
-        loss = net.history[-1, self.monitor]
-        if loss < self.best_loss_:
-            self.best_loss_, self.best_epoch_, self.misses_ = loss, len(net.history), 0
-            self.state_ = net.module_.trainable_state()
-        else:
-            self.misses_ += 1
+        losses = self._part_losses(net)
+        net.history.record("part_losses", losses)
+        if self.best_losses_ is None:
+            self.best_losses_, self.best_epochs_, self.states_ = [math.inf] * len(losses), [0] * len(losses), [None] * len(losses)
+        improved = False
+        for i, loss in enumerate(losses):
+            if loss < self.best_losses_[i]:
+                self.best_losses_[i], self.best_epochs_[i], improved = loss, len(net.history), True
+                self.states_[i] = net.module_.trainable_state(self._parts(i, len(losses)))
+        self.misses_ = 0 if improved else self.misses_ + 1
         if self.patience is not None and self.misses_ >= self.patience:
             raise _StopStage
 
+    @staticmethod
+    def _parts(i: int, n_losses: int):
+        return [i] if n_losses > 1 else None  # one loss: the whole stage
+
     def on_train_end(self, net, **kwargs):
-        if self.state_ is not None:
-            net.module_.load_trainable_state(self.state_)
+        for i, state in enumerate(self.states_ or []):
+            if state is not None:
+                net.module_.load_trainable_state(state, self._parts(i, len(self.states_)))
+
+    @property
+    def best_epoch_(self) -> int:
+        """The last epoch whose weights were kept for some part (0 if none)."""
+        return max(self.best_epochs_ or [0])
 
 
 class StageNet(NeuralNet):
@@ -156,6 +212,8 @@ def train_stage(
     *,
     epochs: int,
     lr: float,
+    weight_decay: float = 0.0,
+    undecayed_parts: tuple[int, ...] = (),
     batch_size: int,
     early_stopping: bool,
     shuffle_generator: torch.Generator,
@@ -163,14 +221,18 @@ def train_stage(
 ) -> dict:
     """Train one stage with a fresh Adam over its parameters; restore its best epoch.
 
+    ``weight_decay`` applies to every part but those listed in ``undecayed_parts``.
+
     Returns the stage's history: per-epoch train / validation losses and the best epoch.
     """
     monitor = "valid_loss" if valid is not None else "train_loss"
-    best = BestEpoch(monitor, PATIENCE if early_stopping else None)
+    best = BestEpoch(monitor, PATIENCE if early_stopping else None, valid, batch_size)
     net = StageNet(
         module=stage,
         criterion=nn.Identity,  # unused: the stage module returns its loss
         optimizer=fused_adam,
+        optimizer__weight_decay=weight_decay,
+        optimizer__param_groups=[(f"part{i}.*", {"weight_decay": 0.0}) for i in undecayed_parts],
         lr=lr,
         max_epochs=epochs,
         batch_size=batch_size,
@@ -201,8 +263,15 @@ def train_stage(
             "epoch": int(row["epoch"]),
             "train_loss": float(row["train_loss"]),
             "valid_loss": None if row.get("valid_loss") is None else float(row["valid_loss"]),
+            **({"part_losses": [float(v) for v in row["part_losses"]]} if stage.n_parts > 1 and valid is not None else {}),
         }
         for row in net.history
     ]
-    return {"epochs": rows, "best_epoch": best.best_epoch_, "monitor": monitor}
+    return {
+        "epochs": rows,
+        "best_epoch": best.best_epoch_,
+        "monitor": monitor,
+        "part_best_epochs": list(best.best_epochs_ or []),
+        "part_best_losses": [float(v) for v in best.best_losses_ or []],
+    }
 

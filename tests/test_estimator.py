@@ -42,12 +42,21 @@ def test_fitted_attributes_and_history(fitted, views):
     assert fitted.n_features_in_ == 13
     assert fitted.n_rows_dropped_ == 0
     assert fitted.hmc_acceptance_ is None or 0 <= fitted.hmc_acceptance_ <= 1
-    for stage in ("joint", "flows"):
-        epochs = fitted.history_[stage]["epochs"]
-        assert len(epochs) == 40
-        best = fitted.history_[stage]["best_epoch"]
-        losses = [e["valid_loss"] for e in epochs]
-        assert losses[best - 1] == min(losses)
+    epochs = fitted.history_["joint"]["epochs"]
+    assert len(epochs) == 40
+    losses = [e["valid_loss"] for e in epochs]
+    assert losses[fitted.history_["joint"]["best_epoch"] - 1] == min(losses)
+    # Stage 2: every part (each expert, then the subset posterior) keeps its own best epoch.
+    flows = fitted.history_["flows"]
+    kept = [*flows["expert_best_epoch"].values(), flows["subset_best_epoch"]]
+    held_out = [*flows["expert_valid_loss"].values(), flows["subset_valid_loss"]]
+    for i, (epoch, loss) in enumerate(zip(kept, held_out)):
+        part = [e["part_losses"][i] for e in flows["epochs"]]
+        assert part[epoch - 1] == min(part) == loss
+    assert flows["best_epoch"] == max(kept)
+    # the parts' losses add up to the stage's validation loss
+    row = flows["epochs"][-1]
+    assert sum(row["part_losses"]) == pytest.approx(row["valid_loss"], rel=1e-5)
     # training improved the joint ELBO
     joint = fitted.history_["joint"]["epochs"]
     assert joint[-1]["train_loss"] < joint[0]["train_loss"]

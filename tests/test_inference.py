@@ -1,5 +1,6 @@
 """Inference for every conditioning set: flow expert means, HMC subsets, missing-modality patterns."""
 
+import copy
 import warnings
 
 import numpy as np
@@ -26,7 +27,8 @@ def test_one_modality_mean_is_the_monte_carlo_mean_not_the_flow_image(views):
             layer.weight.zero_()
             layer.bias.fill_(bias)
     x = {"a": X["a"][:4]}
-    with torch.no_grad():
+    with torch.no_grad():  # an aggregate posterior wide enough that no draw counts as a far tail
+        jnf.module_.aggregate_scale_tril.copy_(100.0 * torch.eye(2))
         mean, log_var = jnf.module_.expert_posterior("a", torch.tensor(x["a"], dtype=torch.float32))
         image, _ = flow.inverse(mean)
         g = torch.Generator().manual_seed(0)
@@ -49,7 +51,7 @@ def test_rows_are_grouped_by_pattern_with_the_same_result_as_separate_calls(fitt
     together = fitted.transform(X)
     for rows in (slice(0, 10), slice(10, 30), slice(30, 45), slice(45, 60)):
         part = fitted.transform({m: x[rows] for m, x in X.items()})
-        np.testing.assert_array_equal(together[rows], part)
+        np.testing.assert_allclose(together[rows], part, rtol=0, atol=1e-5)  # BLAS: batch-size rounding
     np.testing.assert_array_equal(together[10:30], fitted.transform({m: X[m][10:30] for m in ("b", "c")}))
 
 
@@ -67,7 +69,7 @@ def test_more_modalities_never_widen_the_posterior(fitted, views):
     """Posterior spread shrinks along {a} ⊂ {a, b} ⊂ {a, b, c} (product of experts throughout)."""
     X, _, _ = views
     X = {m: x[:40] for m, x in X.items()}
-    widths = []
+    widths, fitted = [], copy.copy(fitted).set_params(subset_posterior="product")
     for cond in (["a"], ["a", "b"]):
         draws = fitted.sample_latent(X, n_samples=64, cond_mod=cond, random_state=0)
         widths.append(draws.var(axis=0).sum(axis=1).mean())
@@ -84,7 +86,7 @@ def test_more_modalities_never_widen_the_posterior(fitted, views):
 
 def test_hmc_diagnostics_are_recorded_by_subset_calls_only(views):
     X, _, _ = views
-    jnf = small_jnf(joint_epochs=5, flow_epochs=5).fit(X)
+    jnf = small_jnf(joint_epochs=5, flow_epochs=5, subset_posterior="product").fit(X)
     assert jnf.hmc_acceptance_ is None and jnf.hmc_step_size_ is None
     jnf.transform(X, cond_mod="a")
     assert jnf.hmc_acceptance_ is None
@@ -129,11 +131,13 @@ def test_cross_modal_generation_varies_around_the_prediction(fitted, views):
     assert noisy["a"].std(0).mean() > spread  # likelihood noise adds to the latent spread
 
 
+@pytest.mark.parametrize("method", ["product"])
 @pytest.mark.parametrize("cond", [["a", "b"], ["b", "c"]])
-def test_hmc_subset_mean_is_between_the_experts(fitted, views, cond):
+def test_hmc_subset_mean_is_between_the_experts(fitted, views, cond, method):
     """The product of two experts sits where both agree: closer to each than they are to each other."""
     X, _, _ = views
     X = {m: x[:30] for m, x in X.items()}
+    fitted = copy.copy(fitted).set_params(subset_posterior=method)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         both = fitted.transform(X, cond_mod=cond)
@@ -152,8 +156,8 @@ def test_joint_inference_in_row_chunks_equals_one_pass(fitted, views, monkeypatc
     monkeypatch.setitem(inference.MAX_BATCH_ELEMENTS, "cpu", 4 * inference.JOINT_ROW_COST)  # chunks of 4 rows
     monkeypatch.setitem(inference.DECODE_BATCH_ELEMENTS, "cpu", 5)  # importance samples split too (K = 16)
     np.testing.assert_allclose(fitted.transform(X), whole, atol=1e-5)
-    np.testing.assert_allclose(fitted.score_samples(X), log_p, atol=1e-4)
-    np.testing.assert_allclose(fitted.score_samples(X, cond_mod="a"), log_p_given_a, atol=1e-4)
+    np.testing.assert_allclose(fitted.score_samples(X), log_p, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(fitted.score_samples(X, cond_mod="a"), log_p_given_a, rtol=1e-6, atol=1e-4)
     for name, block in fitted.predict({"a": X["a"]}).items():
         np.testing.assert_allclose(block, predicted[name], atol=1e-5)
     with torch.no_grad():

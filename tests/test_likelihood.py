@@ -85,7 +85,7 @@ def test_a_row_alone_scores_as_in_a_batch():
     batch = jnf.score_samples(X)
     for i in (0, 17, 199):
         alone = jnf.score_samples({m: x[i : i + 1] for m, x in X.items()})
-        assert alone[0] == pytest.approx(batch[i], abs=1e-10)
+        assert alone[0] == pytest.approx(batch[i], rel=1e-6)  # float32 BLAS: batch-size rounding only
 
 
 def test_conditional_likelihood_converges_to_the_exact_conditional():

@@ -14,7 +14,7 @@ import skjnf._estimator as estimator_module
 import skjnf._training as training
 from skjnf._distributions import gaussian_log_prob
 from skjnf._likelihoods import Bernoulli, Laplace, Normal
-from skjnf._modules import JOINT_LOG_VAR, JOINT_MEAN, JNFModule, stage1_loss, stage2_loss
+from skjnf._modules import JOINT_LOG_VAR, JOINT_MEAN, SUBSET_DRAWS, JNFModule, random_subset_masks, stage1_loss, stage2_loss, stage2_terms
 
 
 def _tiny_module(seed=0):
@@ -45,15 +45,38 @@ def test_stage_losses_match_the_formulas_by_hand():
     expected = -(2.0 * normal + 1.0 * laplace + 0.5 * bernoulli) + beta * kl
     torch.testing.assert_close(stage1_loss(module, blocks, noise, rescale, beta), expected, atol=1e-6, rtol=0)
 
+    k = SUBSET_DRAWS  # random subsets per row: noise is the latent draw, then k x (M + 1) columns
+    noise2 = torch.randn(7, 2 + k * 4, generator=g, dtype=torch.float64)
+    z2 = mean + torch.exp(0.5 * log_var) * noise2[:, :2]
     expected2 = 0
     for j, name in enumerate(["a", "b", "c"]):
         m, lv = module.encoders[j](blocks[name])
-        u, log_det = module.flows[j](z.detach())
+        u, log_det = module.flows[j](z2.detach())
         expected2 = expected2 - (torch.distributions.Normal(m, torch.exp(0.5 * lv)).log_prob(u).sum(-1) + log_det)
-    torch.testing.assert_close(stage2_loss(module, blocks, noise), expected2, atol=1e-6, rtol=0)
+    u, log_det = module.subset_flow(z2.detach())
+    for draw in range(k):
+        mask = random_subset_masks(noise2[:, 2 + 4 * draw : 2 + 4 * (draw + 1)])
+        assert mask.sum(1).eq(2).all()  # M = 3: every subset S has 2 modalities
+        m, lv = module.subset_encoder([blocks["a"], blocks["b"], blocks["c"]], mask)
+        subset_log_q = torch.distributions.Normal(m, torch.exp(0.5 * lv)).log_prob(u).sum(-1) + log_det
+        expected2 = expected2 - subset_log_q / k
+    torch.testing.assert_close(stage2_loss(module, blocks, noise2), expected2, atol=1e-6, rtol=0)
     # fit hands stage 2 the frozen joint posterior once, instead of re-encoding every batch
     cached = {**blocks, JOINT_MEAN: mean.detach(), JOINT_LOG_VAR: log_var.detach()}
-    torch.testing.assert_close(stage2_loss(module, cached, noise), expected2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(stage2_loss(module, cached, noise2), expected2, atol=1e-6, rtol=0)
+
+
+def test_random_subsets_cover_every_size_and_every_modality():
+    noise = torch.randn(20_000, 5 + 1, generator=torch.Generator().manual_seed(0))
+    mask = random_subset_masks(noise)
+    sizes = mask.sum(1)
+    counts = torch.bincount(sizes.long(), minlength=6)
+    # sizes 2..M-1 = 2, 3, 4, uniformly; never 0, 1 or M (those have their own posteriors)
+    assert counts[[0, 1, 5]].sum() == 0
+    assert torch.allclose(counts[2:5].double() / len(mask), torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.02)
+    # each modality is in S as often as any other: E|S| / M = 3 / 5
+    assert torch.allclose(mask.mean(0), torch.full((5,), 0.6), atol=0.02)
+    assert torch.equal(random_subset_masks(noise), mask)  # fixed noise, fixed subsets
 
 
 def test_fused_adam_makes_the_same_updates_as_adam():
@@ -118,10 +141,15 @@ def test_best_epoch_is_restored(views, monkeypatch):
     for (stage, valid), key in zip(stages, ("joint", "flows")):
         with torch.no_grad():
             jnf.module_.eval()
-            recomputed = stage(**dict(valid)).mean().item()
-        losses = [row["valid_loss"] for row in jnf.history_[key]["epochs"]]
-        assert recomputed == pytest.approx(min(losses), rel=1e-5, abs=1e-5)
-        assert jnf.history_[key]["best_epoch"] == int(np.argmin(losses)) + 1
+            recomputed = stage.mean_part_losses(dict(valid), 64)
+        epochs = jnf.history_[key]["epochs"]
+        parts = [[row["part_losses"][i] for row in epochs] for i in range(len(recomputed))] if key == "flows" else [
+            [row["valid_loss"] for row in epochs]
+        ]
+        for value, losses in zip(recomputed, parts):  # each part's restored weights give its minimum
+            assert value == pytest.approx(min(losses), rel=1e-5, abs=1e-5)
+        best = jnf.history_[key]["best_epoch"]
+        assert best == max(int(np.argmin(losses)) + 1 for losses in parts)
     # with lr this high the last epoch is not always the best: the test exercises a restore
     assert any(jnf.history_[k]["best_epoch"] < 12 for k in ("joint", "flows"))
 
@@ -164,9 +192,10 @@ def test_nan_in_stage2_names_the_stage(views, monkeypatch):
     X, _, _ = views
 
     def poisoned(module, blocks, noise):
-        return stage2_loss(module, blocks, noise) * float("nan")
+        experts, subset = stage2_terms(module, blocks, noise)
+        return {name: term * float("nan") for name, term in experts.items()}, subset
 
-    monkeypatch.setattr(estimator_module, "stage2_loss", poisoned)
+    monkeypatch.setattr(estimator_module, "stage2_terms", poisoned)
     with pytest.raises(FloatingPointError, match=r"stage 2 \(flows\), epoch 1, batch 1"):
         small_jnf(joint_epochs=1, flow_epochs=2).fit(X)
 
@@ -179,7 +208,7 @@ def test_keyboard_interrupt_leaves_previous_fit_intact(views, monkeypatch):
     def interrupted(module, blocks, noise):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(estimator_module, "stage2_loss", interrupted)
+    monkeypatch.setattr(estimator_module, "stage2_terms", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fitted.set_params(random_state=3).fit(X)
     np.testing.assert_array_equal(fitted.transform(X), before)
