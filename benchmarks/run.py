@@ -150,6 +150,7 @@ def make_ours(args, names=("a", "b", "c"), **overrides):
         "flow_hidden_sizes": (128, 128, 128), "batch_size": args.batch_size, "lr": args.lr,
         "joint_epochs": args.joint_epochs, "flow_epochs": args.flow_epochs,
         "validation_fraction": args.validation_fraction, "random_state": args.seed,
+        "early_stopping": False,  # the same work on both sides: every epoch runs
     }
     if args.architecture == "matched":
         params["networks"] = {m: {"trunk": ReferenceTrunk(args.latent_dim), "decoder": ReferenceDecoder()} for m in names}

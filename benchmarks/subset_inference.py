@@ -143,7 +143,8 @@ def summary(results: list[dict]) -> list[str]:
         for method in methods:
             r = res["methods"][method]
             escapes = f", {r['escape_warnings']} escaping sets" if r["escape_warnings"] else ""
-            cells.append(f"{r['worst_ratio']:.2f}{escapes} ({r['seconds']:.1f} s)")
+            ratio = f"{r['worst_ratio']:.2f}" if r["worst_ratio"] < 1000 else "diverged (> 1000)"
+            cells.append(f"{ratio}{escapes} ({r['seconds']:.1f} s)")
         views = "+".join(str(d) for d in res["views"].values())
         lines.append(f"| {res['table']} ({views}) | " + " | ".join(cells) + " |")
     return lines

@@ -4,7 +4,7 @@ Each 8x8 digit image is split into three modalities: the left half of the image,
 half, and a small tabular "ink profile" (mean intensity of every row and every column).
 JNF is fitted on the training digits without ever seeing the labels. The test digits are
 then encoded from every modality together, from each modality alone, and from the pair
-(left, right), which JNF samples by Hamiltonian Monte Carlo.
+(left, right), through JNF's amortised subset posterior.
 
 The figure ``examples/output/quickstart_latent.png`` shows each of these encodings in the
 same 2-D view (a PCA fitted on the joint latent of the training digits), coloured by the
@@ -79,5 +79,4 @@ bars.set(xlim=(0, 1), xlabel="linear-probe accuracy on test digits")
 bars.legend(loc="lower right")
 fig.suptitle("JNF latent space of the digits, encoded from different modalities (test rows)")
 fig.savefig(OUTPUT / "quickstart_latent.png", dpi=100)
-print(f"HMC acceptance rate (left + right): {jnf.hmc_acceptance_:.2f}")
 print(f"figure saved to {OUTPUT / 'quickstart_latent.png'}")
