@@ -33,6 +33,7 @@ from ._modules import (
     JOINT_MEAN,
     NETWORK_PARTS,
     JNFModule,
+    choose_subset_routes,
     stage1_loss,
     stage2_noise_dim,
     stage2_terms,
@@ -107,10 +108,10 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         Dimension D of the shared latent space.
     hidden_sizes : tuple of int, default=(256, 256)
         Widths of the encoder MLPs (and of the decoders, reversed, unless
-        ``decoder_hidden_sizes`` is given). With ``batch_size=128`` and ``lr=2e-3`` this fitted the
-        six-view digits (272 features) 2.4x faster than (512, 512) / 64 / 1e-3, with the same
-        linear-probe accuracy and 1 % lower held-out log-likelihood
-        (``benchmarks/training_defaults.py``).
+        ``decoder_hidden_sizes`` is given). With ``batch_size=128``, ``lr=2e-3`` and early stopping
+        this fitted the six-view digits (272 features) 3.1x faster than 0.1.0's (512, 512) / 64 /
+        1e-3 / 200 epochs, with the same linear-probe accuracy and 1 % lower held-out
+        log-likelihood (``benchmarks/training_defaults.py``).
     decoder_hidden_sizes : tuple of int or None, default=None
         Widths of the decoder MLPs, from the latent outwards; ``None`` uses ``hidden_sizes``
         reversed. A lighter decoder (e.g. ``(512,)``) trains faster and makes ``score``'s
@@ -187,9 +188,11 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         ``"product_prior"``: the paper's product of experts divided by the prior N(0, I), by HMC.
         ``"generative"``: HMC on the decoders' posterior p(z) Π p(x_j | z), started from the
         experts. ``"amortized"`` is the default by measurement (``benchmarks/subset_inference.py``,
-        standardised real tables): the products were improper or far off on standardised data
-        (digits in three views: MSE from two views 7.6-13.6 where one view gave 0.33-0.58),
-        "generative" was close but 5-10x slower, and "amortized" was the fastest.
+        standardised real tables): from two or more digit views the products predicted up to
+        1.9-6.7x worse than the best single view, with escaping chains; "generative" came closer
+        but was 3-10x slower and escaped too; "amortized" never escapes and is the fastest. With
+        "amortized", ``fit`` routes each subset whose held-out fit is better with one of its
+        experts to that expert (``history_["flows"]["subset_routes"]``).
     n_mcmc_steps : int, default=20
         HMC iterations of the HMC ``subset_posterior`` options (the first half is burn-in).
     n_leapfrog : int, default=5
@@ -538,6 +541,9 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             shuffle_generator=torch.Generator().manual_seed(int(shuffle_seed)),
             verbose=self.verbose,
         )
+        if stage == "flows" and valid is not None and module.subset_encoder is not None:
+            with frozen_inference(module):
+                history["subset_routes"] = choose_subset_routes(module, valid, valid[NOISE_KEY])
         part_epochs, part_losses_best = history.pop("part_best_epochs"), history.pop("part_best_losses")
         if stage == "flows" and valid is not None and part_epochs:
             # Each expert's calibration: mean held-out −log q_j(z | x_j) at its kept epoch.

@@ -204,6 +204,14 @@ def _subset_log_target(module: JNFModule, blocks: dict[str, Tensor], cond: Seque
     return log_target
 
 
+def _subset_route(module: JNFModule, cond: Sequence[str]) -> str | None:
+    """The expert that subset ``cond`` is routed to (``choose_subset_routes``), or None."""
+    if module.subset_routes.numel() == 0:
+        return None
+    route = int(module.subset_routes[sum(1 << module.index(m) for m in cond)])
+    return None if route < 0 else module.names[route]
+
+
 def posterior_latents(
     module: JNFModule,
     blocks: dict[str, Tensor],
@@ -242,6 +250,12 @@ def posterior_latents(
 
         return _flow_posterior(module, encode, module.flows[module.index(name)], n, n_draws, n_mean_samples, generator)
     if subset_posterior == "amortized":
+        route = _subset_route(module, cond)
+        if route is not None:  # this subset's held-out fit was better with one expert alone
+            return posterior_latents(
+                module, {route: blocks[route]}, [route], n_draws=n_draws, n_mean_samples=n_mean_samples, hmc=hmc,
+                generator=generator, stats=stats, rows=rows,
+            )
         mask = torch.tensor([[float(m in cond) for m in module.names]], device=device)
 
         def encode(part: slice) -> tuple[Tensor, Tensor]:

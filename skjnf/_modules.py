@@ -21,7 +21,7 @@ from ._likelihoods import Likelihood
 
 __all__ = [
     "mlp", "GaussianHead", "JointEncoder", "Decoder", "SubsetEncoder", "JNFModule",
-    "stage1_loss", "stage2_loss", "stage2_terms", "stage2_noise_dim", "random_subset_masks", "JOINT_MEAN", "JOINT_LOG_VAR",
+    "stage1_loss", "stage2_loss", "stage2_terms", "stage2_noise_dim", "random_subset_masks", "choose_subset_routes", "JOINT_MEAN", "JOINT_LOG_VAR",
 ]
 
 
@@ -116,11 +116,14 @@ class SubsetEncoder(nn.Module):
         self.head = GaussianHead(width, latent_dim)
 
     def forward(self, blocks: Sequence[Tensor | None], mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``mask`` (n, M), or (n, k, M) for k subsets of each row: the trunks then run once per row."""
         weighted, total = 0.0, 0.0
         for j, (trunk, x) in enumerate(zip(self.trunks, blocks)):
             if x is not None:
                 features, raw_weight = trunk(x).split(self.width, dim=-1)
-                weight = mask[:, j : j + 1] * F.softplus(raw_weight)
+                if mask.dim() == 3:
+                    features, raw_weight = features[:, None], raw_weight[:, None]
+                weight = mask[..., j : j + 1] * F.softplus(raw_weight)
                 weighted, total = weighted + weight * features, total + weight
         h = weighted / (total + 1e-6) + self.subset_embedding(mask)
         return self.head(self.body(h))
@@ -235,6 +238,9 @@ class JNFModule(nn.Module):
             self.subset_encoder = SubsetEncoder([math.prod(s) for s in self.in_shapes], hidden_sizes, latent_dim)
             subset_flow = next((f for f in flows if isinstance(f, str)), "maf")
             self.subset_flow = make_flow(subset_flow, latent_dim, n_flow_blocks, flow_hidden_sizes)
+        # Per subset bitmask: -1 = the subset posterior, j = expert j did better on held-out rows.
+        n_routes = 2 ** len(names) if self.subset_encoder is not None and len(names) <= MAX_ROUTED_MODALITIES else 0
+        self.register_buffer("subset_routes", torch.full((n_routes,), -1, dtype=torch.long))
         # Gaussian fit of the joint encoder's aggregate posterior E_X q(z | X), set after stage 1.
         self.register_buffer("aggregate_mean", torch.zeros(latent_dim))
         self.register_buffer("aggregate_scale_tril", torch.eye(latent_dim))
@@ -281,7 +287,7 @@ class JNFModule(nn.Module):
         return expert_log_prob(z, mean, log_var, self.flows[self.index(name)])
 
     def subset_posterior(self, blocks: dict[str, Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(mean, log-variance) of the subset posterior's base Gaussian; ``mask`` (n, M) marks S."""
+        """(mean, log-variance) of the subset posterior's base Gaussian; ``mask`` (n, M) or (n, k, M) marks S."""
         inputs = [self.encoder_input(j, blocks[name]) if name in blocks else None for j, name in enumerate(self.names)]
         return self.subset_encoder(inputs, mask)
 
@@ -349,6 +355,10 @@ def stage1_loss(
 JOINT_MEAN, JOINT_LOG_VAR = "__joint_mean__", "__joint_log_var__"
 
 
+#: Largest number of modalities for which every subset's posterior is checked on held-out rows.
+MAX_ROUTED_MODALITIES = 12
+
+
 #: Random subsets drawn per row and step for the subset posterior's loss (its mean over them). With
 #: 57 subsets of 2..5 of six digit views, one draw per row left each subset little signal: the
 #: worst MSE(S) / best single view fell from 2.63 to 1.64 with 4 draws (benchmarks/subset_inference.py).
@@ -392,11 +402,10 @@ def stage2_terms(module: JNFModule, blocks: dict[str, Tensor], noise: Tensor) ->
     if module.subset_encoder is None:
         return experts, None
     n, k = len(z), SUBSET_DRAWS
-    masks = random_subset_masks(noise[:, D:].reshape(n * k, -1))  # row i's k subsets are rows ik..ik+k-1
-    repeated = {m: blocks[m].repeat_interleave(k, 0) for m in module.names}
-    mean, log_var = module.subset_posterior(repeated, masks)
-    subset = -expert_log_prob(z.repeat_interleave(k, 0), mean, log_var, module.subset_flow)
-    return experts, subset.reshape(n, k).mean(1)
+    masks = random_subset_masks(noise[:, D:].reshape(n * k, -1)).reshape(n, k, -1)
+    mean, log_var = module.subset_posterior(blocks, masks)  # (n, k, D): one base per subset
+    subset = -expert_log_prob(z[:, None, :].expand(n, k, D), mean, log_var, module.subset_flow)
+    return experts, subset.mean(1)
 
 
 def stage2_loss(module: JNFModule, blocks: dict[str, Tensor], noise: Tensor) -> Tensor:
@@ -417,3 +426,39 @@ def joint_log_weights(module: JNFModule, blocks: dict[str, Tensor], mean: Tensor
     for name in module.names:
         log_w = log_w + module.log_likelihood(name, blocks[name], z)
     return log_w
+
+
+@torch.no_grad()
+def choose_subset_routes(module: JNFModule, blocks: dict[str, Tensor], noise: Tensor) -> dict[str, str]:
+    """Route each subset S of 2..M-1 modalities to the posterior that fits held-out rows best.
+
+    ``blocks`` are validation rows with their frozen joint posterior (``JOINT_MEAN``,
+    ``JOINT_LOG_VAR``) and ``noise[:, :D]`` draws z from it. For each S, the subset posterior's
+    mean −log q_S(z | x_S) is compared with the best one-modality expert of S; where the expert
+    fits better, S uses that expert (written to ``module.subset_routes``). This is model
+    selection on the stage-2 objective, the one both were trained on; it needs 2^M passes of the
+    subset encoder over the validation rows, so it runs for M <= ``MAX_ROUTED_MODALITIES``.
+    Returns ``{"a+b": "a"}`` for the subsets routed to an expert.
+    """
+    n_modalities, routes = len(module.names), module.subset_routes
+    if routes.numel() == 0:
+        return {}
+    z = reparameterize(blocks[JOINT_MEAN], blocks[JOINT_LOG_VAR], noise[:, : module.latent_dim])
+    expert_loss = [
+        float(-module.expert_log_prob(name, z, *module.expert_posterior(name, blocks[name])).mean())
+        for name in module.names
+    ]
+    routed = {}
+    for bits in range(2**n_modalities):
+        members = [j for j in range(n_modalities) if bits >> j & 1]
+        if not 2 <= len(members) < n_modalities:
+            continue
+        mask = torch.zeros(len(z), n_modalities, device=z.device)
+        mask[:, members] = 1.0
+        mean, log_var = module.subset_posterior(blocks, mask)
+        subset_loss = float(-expert_log_prob(z, mean, log_var, module.subset_flow).mean())
+        best = min(members, key=lambda j: expert_loss[j])
+        routes[bits] = best if expert_loss[best] < subset_loss else -1
+        if expert_loss[best] < subset_loss:
+            routed["+".join(module.names[j] for j in members)] = module.names[best]
+    return routed

@@ -157,7 +157,8 @@ def test_joint_inference_in_row_chunks_equals_one_pass(fitted, views, monkeypatc
     monkeypatch.setitem(inference.DECODE_BATCH_ELEMENTS, "cpu", 5)  # importance samples split too (K = 16)
     np.testing.assert_allclose(fitted.transform(X), whole, atol=1e-5)
     np.testing.assert_allclose(fitted.score_samples(X), log_p, rtol=1e-6, atol=1e-4)
-    np.testing.assert_allclose(fitted.score_samples(X, cond_mod="a"), log_p_given_a, rtol=1e-6, atol=1e-4)
+    # draws through the sequential MAF inverse: float32 rounding grows to ~1e-5 (relative)
+    np.testing.assert_allclose(fitted.score_samples(X, cond_mod="a"), log_p_given_a, rtol=1e-4, atol=1e-4)
     for name, block in fitted.predict({"a": X["a"]}).items():
         np.testing.assert_allclose(block, predicted[name], atol=1e-5)
     with torch.no_grad():
