@@ -204,12 +204,12 @@ def _subset_log_target(module: JNFModule, blocks: dict[str, Tensor], cond: Seque
     return log_target
 
 
-def _subset_route(module: JNFModule, cond: Sequence[str]) -> str | None:
-    """The expert that subset ``cond`` is routed to (``choose_subset_routes``), or None."""
+def _subset_route(module: JNFModule, cond: Sequence[str]) -> list[str]:
+    """The modalities whose posterior subset ``cond`` uses (``choose_subset_routes``)."""
     if module.subset_routes.numel() == 0:
-        return None
-    route = int(module.subset_routes[sum(1 << module.index(m) for m in cond)])
-    return None if route < 0 else module.names[route]
+        return list(cond)
+    used = int(module.subset_routes[sum(1 << module.index(m) for m in cond)])
+    return [m for j, m in enumerate(module.names) if used >> j & 1]
 
 
 def posterior_latents(
@@ -250,11 +250,11 @@ def posterior_latents(
 
         return _flow_posterior(module, encode, module.flows[module.index(name)], n, n_draws, n_mean_samples, generator)
     if subset_posterior == "amortized":
-        route = _subset_route(module, cond)
-        if route is not None:  # this subset's held-out fit was better with one expert alone
+        used = _subset_route(module, cond)
+        if used != list(cond):  # a subset of cond fitted held-out rows better
             return posterior_latents(
-                module, {route: blocks[route]}, [route], n_draws=n_draws, n_mean_samples=n_mean_samples, hmc=hmc,
-                generator=generator, stats=stats, rows=rows,
+                module, {m: blocks[m] for m in used}, used, n_draws=n_draws, n_mean_samples=n_mean_samples,
+                hmc=hmc, generator=generator, stats=stats, rows=rows,
             )
         mask = torch.tensor([[float(m in cond) for m in module.names]], device=device)
 

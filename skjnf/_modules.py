@@ -238,9 +238,10 @@ class JNFModule(nn.Module):
             self.subset_encoder = SubsetEncoder([math.prod(s) for s in self.in_shapes], hidden_sizes, latent_dim)
             subset_flow = next((f for f in flows if isinstance(f, str)), "maf")
             self.subset_flow = make_flow(subset_flow, latent_dim, n_flow_blocks, flow_hidden_sizes)
-        # Per subset bitmask: -1 = the subset posterior, j = expert j did better on held-out rows.
+        # Per subset bitmask, the bitmask of the subset whose posterior it uses (itself unless one of
+        # its subsets fitted held-out rows better; see choose_subset_routes).
         n_routes = 2 ** len(names) if self.subset_encoder is not None and len(names) <= MAX_ROUTED_MODALITIES else 0
-        self.register_buffer("subset_routes", torch.full((n_routes,), -1, dtype=torch.long))
+        self.register_buffer("subset_routes", torch.arange(n_routes, dtype=torch.long))
         # Gaussian fit of the joint encoder's aggregate posterior E_X q(z | X), set after stage 1.
         self.register_buffer("aggregate_mean", torch.zeros(latent_dim))
         self.register_buffer("aggregate_scale_tril", torch.eye(latent_dim))
@@ -430,35 +431,38 @@ def joint_log_weights(module: JNFModule, blocks: dict[str, Tensor], mean: Tensor
 
 @torch.no_grad()
 def choose_subset_routes(module: JNFModule, blocks: dict[str, Tensor], noise: Tensor) -> dict[str, str]:
-    """Route each subset S of 2..M-1 modalities to the posterior that fits held-out rows best.
+    """Route each subset S of 2..M-1 modalities to the posterior, among S's and its subsets', that
+    fits held-out rows best.
 
     ``blocks`` are validation rows with their frozen joint posterior (``JOINT_MEAN``,
-    ``JOINT_LOG_VAR``) and ``noise[:, :D]`` draws z from it. For each S, the subset posterior's
-    mean −log q_S(z | x_S) is compared with the best one-modality expert of S; where the expert
-    fits better, S uses that expert (written to ``module.subset_routes``). This is model
-    selection on the stage-2 objective, the one both were trained on; it needs 2^M passes of the
-    subset encoder over the validation rows, so it runs for M <= ``MAX_ROUTED_MODALITIES``.
-    Returns ``{"a+b": "a"}`` for the subsets routed to an expert.
+    ``JOINT_LOG_VAR``) and ``noise[:, :D]`` draws z from it. Each posterior's loss is its mean
+    −log q(z | x_T) there: the expert's for one modality, the subset posterior's for 2..M-1.
+    Going up by size, S keeps its own posterior unless some S minus one modality already does
+    better (whatever that one routes to): so held-out fit never gets worse as modalities are
+    added. This is model selection on the stage-2 objective, the one every posterior was trained
+    on; it needs 2^M passes of the subset encoder over the validation rows, so it runs for
+    M <= ``MAX_ROUTED_MODALITIES``. ``module.subset_routes[S]`` gets the bitmask of the subset
+    to use; returns ``{"a+b+c": "a+c"}`` for the subsets routed elsewhere.
     """
     n_modalities, routes = len(module.names), module.subset_routes
     if routes.numel() == 0:
         return {}
     z = reparameterize(blocks[JOINT_MEAN], blocks[JOINT_LOG_VAR], noise[:, : module.latent_dim])
-    expert_loss = [
-        float(-module.expert_log_prob(name, z, *module.expert_posterior(name, blocks[name])).mean())
-        for name in module.names
-    ]
-    routed = {}
-    for bits in range(2**n_modalities):
+    best = {}  # bitmask -> (held-out loss, bitmask of the posterior used)
+    for j, name in enumerate(module.names):
+        best[1 << j] = (float(-module.expert_log_prob(name, z, *module.expert_posterior(name, blocks[name])).mean()), 1 << j)
+    for bits in sorted(range(1, 2**n_modalities - 1), key=lambda b: bin(b).count("1")):
         members = [j for j in range(n_modalities) if bits >> j & 1]
-        if not 2 <= len(members) < n_modalities:
+        if len(members) < 2:
             continue
         mask = torch.zeros(len(z), n_modalities, device=z.device)
         mask[:, members] = 1.0
         mean, log_var = module.subset_posterior(blocks, mask)
-        subset_loss = float(-expert_log_prob(z, mean, log_var, module.subset_flow).mean())
-        best = min(members, key=lambda j: expert_loss[j])
-        routes[bits] = best if expert_loss[best] < subset_loss else -1
-        if expert_loss[best] < subset_loss:
-            routed["+".join(module.names[j] for j in members)] = module.names[best]
-    return routed
+        own = (float(-expert_log_prob(z, mean, log_var, module.subset_flow).mean()), bits)
+        best[bits] = min([own] + [best[bits & ~(1 << j)] for j in members], key=lambda pair: pair[0])
+        routes[bits] = best[bits][1]
+
+    def label(bits: int) -> str:
+        return "+".join(name for j, name in enumerate(module.names) if bits >> j & 1)
+
+    return {label(bits): label(used) for bits, (_, used) in best.items() if used != bits}

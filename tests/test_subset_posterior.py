@@ -124,22 +124,51 @@ def test_subset_posterior_is_validated():
         small_jnf(subset_posterior="poe").fit({"a": np.zeros((20, 2)), "b": np.ones((20, 2))})
 
 
-def test_subsets_are_routed_to_an_expert_only_where_it_fits_held_out_rows_better(fitted, views):
+def test_subsets_are_routed_to_a_subset_only_where_it_fits_held_out_rows_better(fitted, views):
     X, _, _ = views
     module, routed = fitted.module_, fitted.history_["flows"]["subset_routes"]
     assert module.subset_routes.shape == (8,)  # 2^3 bitmasks
-    assert set(module.subset_routes[[0, 1, 2, 4, 7]].tolist()) == {-1}  # sizes 0, 1 and M are never routed
-    for subset, expert in routed.items():
+    assert module.subset_routes[[0, 1, 2, 4, 7]].tolist() == [0, 1, 2, 4, 7]  # sizes 0, 1 and M: themselves
+    for subset, used in routed.items():
         bits = sum(1 << module.index(m) for m in subset.split("+"))
-        assert module.names[int(module.subset_routes[bits])] == expert and expert in subset.split("+")
-    # a routed subset's posterior is that expert's (same draws given the same seed)
+        used_bits = sum(1 << module.index(m) for m in used.split("+"))
+        assert int(module.subset_routes[bits]) == used_bits and used_bits & ~bits == 0  # a proper subset
+    # a routed subset's posterior is that of the subset it uses (same draws given the same seed)
     saved = module.subset_routes.clone()
     try:
-        module.subset_routes[3] = 0  # {a, b} -> expert a
+        module.subset_routes[3] = 1  # {a, b} -> expert a
         routed_mean = fitted.transform({"a": X["a"], "b": X["b"]}, cond_mod=["a", "b"])
-        module.subset_routes[3] = -1
+        module.subset_routes[3] = 3
         amortized_mean = fitted.transform({"a": X["a"], "b": X["b"]}, cond_mod=["a", "b"])
     finally:
         module.subset_routes.copy_(saved)
     expert_draws = fitted.sample_latent({"a": X["a"]}, n_samples=64, cond_mod="a", random_state=0).mean(0)
     assert np.abs(routed_mean - expert_draws).mean() < np.abs(amortized_mean - expert_draws).mean()
+
+
+def test_routing_makes_held_out_fit_monotone_in_the_subsets():
+    """With a subset posterior that fits worse than each of its experts, every subset is routed
+    to its best expert; with one that fits better, nothing is routed."""
+    from skjnf._modules import JOINT_LOG_VAR, JOINT_MEAN, choose_subset_routes
+
+    module = _module(latent_dim=2, n_modalities=4)
+    g = torch.Generator().manual_seed(0)
+    blocks = {f"m{j}": torch.randn(50, 2, generator=g) for j in range(4)}
+    blocks[JOINT_MEAN], blocks[JOINT_LOG_VAR] = torch.zeros(50, 2), torch.full((50, 2), -2.0)
+    noise = torch.randn(50, 2, generator=g)
+    with torch.no_grad():
+        for j, encoder in enumerate(module.encoders):  # expert j: N(0, e^{j/4 - 1}), m0 the best
+            encoder.head.mean.weight.zero_(), encoder.head.mean.bias.zero_()
+            encoder.head.log_var.weight.zero_(), encoder.head.log_var.bias.fill_(j / 4 - 1.0)
+        head = module.subset_encoder.head
+        head.mean.weight.zero_(), head.log_var.weight.zero_(), head.log_var.bias.fill_(3.0)  # far too wide
+        head.mean.bias.zero_()
+        routed = choose_subset_routes(module.eval(), blocks, noise)
+    # every subset of 2..3 modalities uses its lowest-numbered member's expert
+    for bits in range(16):
+        if 2 <= bin(bits).count("1") <= 3:
+            assert int(module.subset_routes[bits]) == bits & -bits
+    assert routed["m1+m2+m3"] == "m1"
+    with torch.no_grad():
+        head.log_var.bias.fill_(-2.0)  # now exactly the joint posterior: the subset posterior wins
+        assert choose_subset_routes(module, blocks, noise) == {}
