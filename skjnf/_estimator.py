@@ -193,8 +193,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         standardised real tables): from two or more digit views the products predicted up to
         1.9-6.7x worse than the best single view, with escaping chains; "generative" came closer
         but was 3-10x slower and escaped too; "amortized" never escapes and is the fastest. With
-        "amortized", ``fit`` routes each subset whose held-out fit is better with one of its
-        experts to that expert (``history_["flows"]["subset_routes"]``).
+        "amortized", ``fit`` routes each subset whose held-out fit is better with the posterior of
+        one of its subsets (or one expert) to that posterior (``history_["flows"]["subset_routes"]``).
     n_mcmc_steps : int, default=20
         HMC iterations of the HMC ``subset_posterior`` options (the first half is burn-in).
     n_leapfrog : int, default=5
@@ -236,7 +236,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         epoch (each expert and the subset posterior have their own parameters) and, with a
         validation set, reports each expert's calibration: ``"expert_valid_loss"`` (mean
         held-out -log q_j(z | x_j) at the kept epoch, a dict by modality), ``"expert_best_epoch"``,
-        and with three or more modalities ``"subset_valid_loss"`` and ``"subset_best_epoch"``;
+        and with three or more modalities ``"subset_valid_loss"``, ``"subset_best_epoch"`` and
+        ``"subset_routes"`` (``{"a+b+c": "a+c"}``: the subsets that use a smaller one's posterior);
         its epoch rows carry ``"part_losses"`` (one per part, in that order).
     n_rows_dropped_ : int
         Rows left out of training because a modality was missing.
