@@ -142,6 +142,10 @@ def _flow_draws(base: tuple[Tensor, Tensor], flow: torch.nn.Module, noise: Tenso
     return z.reshape(u.shape)
 
 
+#: Standard normal quantile at 1 − 1e-6: draws beyond this much of the aggregate posterior are tails.
+SUPPORT_QUANTILE_Z = 4.753
+
+
 def support_radius(latent_dim: int) -> float:
     """Squared Mahalanobis radius holding all but 1e-6 of a D-dimensional Gaussian's mass.
 
@@ -150,10 +154,6 @@ def support_radius(latent_dim: int) -> float:
     """
     c = 2.0 / (9.0 * latent_dim)
     return latent_dim * (1.0 - c + SUPPORT_QUANTILE_Z * math.sqrt(c)) ** 3
-
-
-#: Standard normal quantile at 1 − 1e-6: draws beyond this much of the aggregate posterior are tails.
-SUPPORT_QUANTILE_Z = 4.753
 
 
 def _supported_mean(module: JNFModule, draws: Tensor, fallback: Tensor) -> Tensor:
@@ -327,3 +327,4 @@ def decode_in_chunks(decode, latent: Tensor) -> Tensor:
     parts = [decode(flat[part]) for part in _row_chunks(len(flat), 1, latent.device, DECODE_BATCH_ELEMENTS)]
     out = torch.cat(parts) if parts else decode(flat)
     return out.reshape(*latent.shape[:-1], *out.shape[1:])
+
