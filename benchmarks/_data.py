@@ -70,7 +70,9 @@ def linear_gaussian(n_train: int, n_test: int, seed: int = 0) -> Dataset:
     return Dataset(
         "linear-gaussian",
         f"x_m = W_m z + b_m + noise, z ~ N(0, I_{k}), widths {dims}, noise sd {psis}",
-        train, test, gaussian={"mean": mean_s, "cov": cov_s, "dims": dims},
+        train,
+        test,
+        gaussian={"mean": mean_s, "cov": cov_s, "dims": dims},
     )
 
 
@@ -97,8 +99,11 @@ def digits(n_test: int, seed: int = 0) -> Dataset:
     order = np.random.default_rng(seed).permutation(len(images))
     images = images[order]
     n_train = len(images) - n_test
-    parts = [images[:, 0:3].reshape(len(images), -1), images[:, 3:5].reshape(len(images), -1),
-             images[:, 5:8].reshape(len(images), -1)]
+    parts = [
+        images[:, 0:3].reshape(len(images), -1),
+        images[:, 3:5].reshape(len(images), -1),
+        images[:, 5:8].reshape(len(images), -1),
+    ]
     train = {m: p[:n_train].astype(np.float32) for m, p in zip(MODALITIES, parts)}
     test = {m: p[n_train:].astype(np.float32) for m, p in zip(MODALITIES, parts)}
     return Dataset("digits", "sklearn digits, image rows 0-2 / 3-4 / 5-7 (24 / 16 / 24 pixels, /16)", train, test)

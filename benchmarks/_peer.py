@@ -142,6 +142,7 @@ def main(data_path: str, config_path: str, out_prefix: str) -> None:
 
     # ---------------------------------------------------------------- fit
     fit(1, 1, cfg["seed"] + 999, os.path.join(tmp, "warmup"))  # warm-up: code paths, allocator
+
     def cheap_quality(model) -> dict:
         """Held-out joint log-likelihood and one / all-modality MSEs (as run.py's cheap_quality)."""
         torch.manual_seed(cfg["seed"])
@@ -152,8 +153,12 @@ def main(data_path: str, config_path: str, out_prefix: str) -> None:
             with torch.no_grad():
                 z = model.encode(test, cond_mod=cond, return_mean=True).z.detach()
                 err = np.concatenate(
-                    [(model.decoders[m](z).reconstruction.numpy().astype(np.float64) - data[f"test__{m}"]) ** 2
-                     for m in targets], axis=1)
+                    [
+                        (model.decoders[m](z).reconstruction.numpy().astype(np.float64) - data[f"test__{m}"]) ** 2
+                        for m in targets
+                    ],
+                    axis=1,
+                )
             finite = np.isfinite(err).all(axis=1)
             result["mse"]["+".join(cond)] = float(err[finite].mean()) if finite.any() else float("nan")
         return result
@@ -170,12 +175,16 @@ def main(data_path: str, config_path: str, out_prefix: str) -> None:
     out["fit_s"] = statistics.median(fit_times)
     out["fit_cpu_s"] = statistics.median(fit_cpus)
     out["fit_all_s"] = fit_times
-    out["epoch_joint_s"] = statistics.median(
-        [statistics.median(t[:joint_epochs]) for t in epoch_times if joint_epochs]
-    ) if joint_epochs else None
-    out["epoch_flow_s"] = statistics.median(
-        [statistics.median(t[joint_epochs:]) for t in epoch_times if len(t) > joint_epochs]
-    ) if flow_epochs else None
+    out["epoch_joint_s"] = (
+        statistics.median([statistics.median(t[:joint_epochs]) for t in epoch_times if joint_epochs])
+        if joint_epochs
+        else None
+    )
+    out["epoch_flow_s"] = (
+        statistics.median([statistics.median(t[joint_epochs:]) for t in epoch_times if len(t) > joint_epochs])
+        if flow_epochs
+        else None
+    )
 
     # ---------------------------------------------------------------- inference
     torch.manual_seed(cfg["seed"])
@@ -243,8 +252,12 @@ def main(data_path: str, config_path: str, out_prefix: str) -> None:
     # floor: the K·n decoder forward passes alone, no_grad, the fastest of the chunkings run.py tries
     z = torch.randn(K * n_test, cfg["latent_dim"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        floor = fastest_chunking(lambda rows: [model.decoders[m](z[rows]) for m in names], len(z),
-                                 cfg.get("floor_chunks", [None]), max(cfg["repeats"], 5))
+        floor = fastest_chunking(
+            lambda rows: [model.decoders[m](z[rows]) for m in names],
+            len(z),
+            cfg.get("floor_chunks", [None]),
+            max(cfg["repeats"], 5),
+        )
     out["decoder_floor_s"] = floor["wall"]
     out["n_parameters"] = int(sum(p.numel() for p in model.parameters()))
 

@@ -90,7 +90,9 @@ def linear_gaussian(n_train: int = 1500, n_test: int = 500, seed: int = 0) -> Ta
         "linear-gaussian",
         {m: v[:n_train] for m, v in views.items()},
         {m: v[n_train:] for m, v in views.items()},
-        y[:n_train], y[n_train:], covariance / np.outer(std, std),
+        y[:n_train],
+        y[n_train:],
+        covariance / np.outer(std, std),
     )
 
 

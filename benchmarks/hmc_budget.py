@@ -206,9 +206,7 @@ def importance_posterior(experts, proposal_mean, proposal_cov, n_samples, genera
     mean = proposal_mean.double()
     chol = torch.linalg.cholesky(proposal_cov.double())  # (n, D, D)
     half_log_det = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-    log_norm = (
-        math.lgamma((dof + LATENT_DIM) / 2) - math.lgamma(dof / 2) - 0.5 * LATENT_DIM * math.log(dof * math.pi)
-    )
+    log_norm = math.lgamma((dof + LATENT_DIM) / 2) - math.lgamma(dof / 2) - 0.5 * LATENT_DIM * math.log(dof * math.pi)
     samples, log_weights = [], []
     for start in range(0, n_samples, 64):
         k = min(64, n_samples - start)
@@ -318,8 +316,22 @@ def evaluation_unit(experts, repeats: int = 20) -> float:
 
 HMC_CONFIGS = [
     # (C, T, L): chains per row, iterations, leapfrog steps; about 100 to 400 evaluations per row
-    (1, 24, 5), (1, 40, 5), (2, 12, 5), (2, 16, 5), (2, 20, 5), (2, 20, 4), (2, 24, 4), (2, 30, 3),
-    (4, 10, 5), (4, 12, 4), (4, 20, 3), (8, 10, 3), (2, 20, 10), (4, 10, 10), (2, 40, 5), (4, 20, 5),
+    (1, 24, 5),
+    (1, 40, 5),
+    (2, 12, 5),
+    (2, 16, 5),
+    (2, 20, 5),
+    (2, 20, 4),
+    (2, 24, 4),
+    (2, 30, 3),
+    (4, 10, 5),
+    (4, 12, 4),
+    (4, 20, 3),
+    (8, 10, 3),
+    (2, 20, 10),
+    (4, 10, 10),
+    (2, 40, 5),
+    (4, 20, 5),
 ]
 MASS_CONFIGS = [(2, 20, 5), (2, 40, 5)]
 QUICK_CONFIGS = [(2, 20, 5), (4, 10, 5)]

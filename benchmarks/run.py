@@ -124,8 +124,9 @@ class ReferenceTrunk:
         from torch import nn
 
         d = math.prod(in_shape)
-        return nn.Sequential(nn.Flatten(), nn.Linear(d, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                             nn.Linear(512, self.latent_dim))
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(d, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, self.latent_dim)
+        )
 
 
 class ReferenceDecoder:
@@ -146,14 +147,22 @@ def make_ours(args, names=("a", "b", "c"), **overrides):
     from skjnf import JNFEstimator
 
     params = {
-        "latent_dim": args.latent_dim, "hidden_sizes": (512, 512), "n_flow_blocks": 2,
-        "flow_hidden_sizes": (128, 128, 128), "batch_size": args.batch_size, "lr": args.lr,
-        "joint_epochs": args.joint_epochs, "flow_epochs": args.flow_epochs,
-        "validation_fraction": args.validation_fraction, "random_state": args.seed,
+        "latent_dim": args.latent_dim,
+        "hidden_sizes": (512, 512),
+        "n_flow_blocks": 2,
+        "flow_hidden_sizes": (128, 128, 128),
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "joint_epochs": args.joint_epochs,
+        "flow_epochs": args.flow_epochs,
+        "validation_fraction": args.validation_fraction,
+        "random_state": args.seed,
         "early_stopping": False,  # the same work on both sides: every epoch runs
     }
     if args.architecture == "matched":
-        params["networks"] = {m: {"trunk": ReferenceTrunk(args.latent_dim), "decoder": ReferenceDecoder()} for m in names}
+        params["networks"] = {
+            m: {"trunk": ReferenceTrunk(args.latent_dim), "decoder": ReferenceDecoder()} for m in names
+        }
     params.update(overrides)
     return JNFEstimator(**params)
 
@@ -209,7 +218,9 @@ def run_ours(ds: Dataset, args, stage_timer: StageTimer) -> tuple[dict, dict]:
         out["latent_subset"] = {k: statistics.median([t[k] for t in subs]) for k in ("wall", "cpu")}
         out["latent_subset"]["walls"] = [t["wall"] for t in subs]
         out["hmc_acceptance"] = acc
-        out["hmc_settings"] = {k: est.get_params()[k] for k in ("n_mcmc_steps", "n_leapfrog", "n_posterior_samples", "step_size")}
+        out["hmc_settings"] = {
+            k: est.get_params()[k] for k in ("n_mcmc_steps", "n_leapfrog", "n_posterior_samples", "step_size")
+        }
     # joint log-likelihood, K importance samples
     est.set_params(n_importance_samples=args.nll_k)
     est.score_samples(warm)
@@ -269,8 +280,12 @@ def decoder_floor(est, test: dict, args) -> dict:
     module.eval()
     try:
         with torch.no_grad():
-            return fastest_chunking(lambda rows: [decoder(z[rows]) for decoder in module.decoders], len(z),
-                                    FLOOR_CHUNKS, max(args.repeats, 5))
+            return fastest_chunking(
+                lambda rows: [decoder(z[rows]) for decoder in module.decoders],
+                len(z),
+                FLOOR_CHUNKS,
+                max(args.repeats, 5),
+            )
     finally:
         module.train(was_training)
 
@@ -290,10 +305,20 @@ def run_peer(ds: Dataset, args, workdir: Path) -> tuple[dict, dict] | tuple[None
     data_path, cfg_path, prefix = workdir / f"{ds.name}.npz", workdir / f"{ds.name}.json", workdir / f"{ds.name}_peer"
     np.savez(data_path, **arrays)
     cfg = {
-        "names": ds.names, "latent_dim": args.latent_dim, "batch_size": args.batch_size, "lr": args.lr,
-        "joint_epochs": args.joint_epochs, "flow_epochs": args.flow_epochs, "decoder_scale": reference_scales(ds, args),
-        "seed": args.seed, "threads": args.threads, "repeats": args.repeats, "fit_repeats": args.repeats,
-        "n_chains": N_CHAINS_REFERENCE, "nll_K": args.nll_k, "floor_chunks": list(FLOOR_CHUNKS),
+        "names": ds.names,
+        "latent_dim": args.latent_dim,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "joint_epochs": args.joint_epochs,
+        "flow_epochs": args.flow_epochs,
+        "decoder_scale": reference_scales(ds, args),
+        "seed": args.seed,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "fit_repeats": args.repeats,
+        "n_chains": N_CHAINS_REFERENCE,
+        "nll_K": args.nll_k,
+        "floor_chunks": list(FLOOR_CHUNKS),
         "hmc_kwargs": {"mcmc_steps": args.peer_mcmc_steps} if args.peer_mcmc_steps else {},
     }
     cfg_path.write_text(json.dumps(cfg))
@@ -302,7 +327,10 @@ def run_peer(ds: Dataset, args, workdir: Path) -> tuple[dict, dict] | tuple[None
     with open(log_path, "w") as log:
         proc = subprocess.run(
             [args.peer_python, str(HERE / "_peer.py"), str(data_path), str(cfg_path), str(prefix)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
         )
     if proc.returncode != 0:
         tail = log_path.read_text()[-3000:]
@@ -361,7 +389,6 @@ def quality(ds: Dataset, ours_preds: dict, peer_preds: dict | None, ours=None, p
 def scaling_worker(n_rows: int, args) -> dict:
     """One size, in a fresh process so that peak RSS is this size's alone."""
     import torch
-
     from _data import nonlinear
 
     torch.set_num_threads(args.threads)
@@ -375,8 +402,11 @@ def scaling_worker(n_rows: int, args) -> dict:
         _reset_peak()
         w, c = time.perf_counter(), time.process_time()
         fn()
-        result[label] = {"wall": time.perf_counter() - w, "cpu": time.process_time() - c,
-                         "peak_mib": (_peak_kb() - base) / 1024}
+        result[label] = {
+            "wall": time.perf_counter() - w,
+            "cpu": time.process_time() - c,
+            "peak_mib": (_peak_kb() - base) / 1024,
+        }
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -415,9 +445,22 @@ def _reset_peak() -> None:
 def run_scaling(args) -> list[dict]:
     rows = []
     for n in args.scaling_sizes:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--scaling-worker", str(n),
-               "--scaling-epochs", str(args.scaling_epochs), "--scaling-hmc-max", str(args.scaling_hmc_max),
-               "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--scaling-worker",
+            str(n),
+            "--scaling-epochs",
+            str(args.scaling_epochs),
+            "--scaling-hmc-max",
+            str(args.scaling_hmc_max),
+            "--threads",
+            str(args.threads),
+            "--batch-size",
+            str(args.batch_size),
+            "--seed",
+            str(args.seed),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"[scaling] n={n} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -446,29 +489,69 @@ def ratio(peer, ours):
 
 def timing_table(name: str, o: dict, p: dict | None, args) -> list[str]:
     p = p or {}
-    ep = f"{args.joint_epochs}+{args.joint_epochs}" if args.joint_epochs == args.flow_epochs else f"{args.joint_epochs}+{args.flow_epochs}"
-    lines = [f"#### {name}: time (s; median of {args.repeats} after a warm-up; ratio = reference / skjnf)", "",
-             "| figure | skjnf wall | reference wall | ratio (wall) | ratio (CPU) |", "|---|---|---|---|---|"]
+    ep = (
+        f"{args.joint_epochs}+{args.joint_epochs}"
+        if args.joint_epochs == args.flow_epochs
+        else f"{args.joint_epochs}+{args.flow_epochs}"
+    )
+    lines = [
+        f"#### {name}: time (s; median of {args.repeats} after a warm-up; ratio = reference / skjnf)",
+        "",
+        "| figure | skjnf wall | reference wall | ratio (wall) | ratio (CPU) |",
+        "|---|---|---|---|---|",
+    ]
 
     def row(label, ours, peer, ours_cpu=None, peer_cpu=None):
-        lines.append(f"| {label} | {fmt(ours)} | {fmt(peer)} | {fmt(ratio(peer, ours))} | {fmt(ratio(peer_cpu, ours_cpu))} |")
+        lines.append(
+            f"| {label} | {fmt(ours)} | {fmt(peer)} | {fmt(ratio(peer, ours))} | {fmt(ratio(peer_cpu, ours_cpu))} |"
+        )
 
     row(f"fit, {ep} epochs", o["fit"]["wall"], p.get("fit_s"), o["fit"]["cpu"], p.get("fit_cpu_s"))
     row("  per epoch, stage 1 (joint VAE)", o.get("epoch_joint_s"), p.get("epoch_joint_s"))
     row("  per epoch, stage 2 (flows)", o.get("epoch_flow_s"), p.get("epoch_flow_s"))
-    row("latent, all modalities", o["latent_all"]["wall"], p.get("encode_all_s"), o["latent_all"]["cpu"], p.get("encode_all_cpu_s"))
-    row("latent, one modality", o["latent_one"]["wall"], p.get("encode_one_s"), o["latent_one"]["cpu"], p.get("encode_one_cpu_s"))
+    row(
+        "latent, all modalities",
+        o["latent_all"]["wall"],
+        p.get("encode_all_s"),
+        o["latent_all"]["cpu"],
+        p.get("encode_all_cpu_s"),
+    )
+    row(
+        "latent, one modality",
+        o["latent_one"]["wall"],
+        p.get("encode_one_s"),
+        o["latent_one"]["cpu"],
+        p.get("encode_one_cpu_s"),
+    )
     if "latent_subset" in o:
-        row("latent, 2 of 3: skjnf mean vs reference one draw", o["latent_subset"]["wall"], p.get("encode_subset_draw_s"),
-            o["latent_subset"]["cpu"], p.get("encode_subset_draw_cpu_s"))
-        row(f"latent, 2 of 3: skjnf mean vs reference mean of {N_CHAINS_REFERENCE} chains", o["latent_subset"]["wall"],
-            p.get("encode_subset_mean_s"), o["latent_subset"]["cpu"], p.get("encode_subset_mean_cpu_s"))
-    row(f"joint log-likelihood, K = {args.nll_k}", o["joint_ll"]["wall"], p.get("nll_s"), o["joint_ll"]["cpu"], p.get("nll_cpu_s"))
+        row(
+            "latent, 2 of 3: skjnf mean vs reference one draw",
+            o["latent_subset"]["wall"],
+            p.get("encode_subset_draw_s"),
+            o["latent_subset"]["cpu"],
+            p.get("encode_subset_draw_cpu_s"),
+        )
+        row(
+            f"latent, 2 of 3: skjnf mean vs reference mean of {N_CHAINS_REFERENCE} chains",
+            o["latent_subset"]["wall"],
+            p.get("encode_subset_mean_s"),
+            o["latent_subset"]["cpu"],
+            p.get("encode_subset_mean_cpu_s"),
+        )
+    row(
+        f"joint log-likelihood, K = {args.nll_k}",
+        o["joint_ll"]["wall"],
+        p.get("nll_s"),
+        o["joint_ll"]["cpu"],
+        p.get("nll_cpu_s"),
+    )
     floor, peer_floor = o["joint_ll_floor"]["wall"], p.get("decoder_floor_s")
     note = f"skjnf / its floor = {fmt(o['joint_ll']['wall'] / floor)}"
     if peer_floor and p.get("nll_s"):
         note += f"; reference / its floor = {fmt(p['nll_s'] / peer_floor)}"
-    lines.append(f"| decoder floor: K·n passes through each implementation's own decoders | {fmt(floor)} | {fmt(peer_floor)} | {note} | |")
+    lines.append(
+        f"| decoder floor: K·n passes through each implementation's own decoders | {fmt(floor)} | {fmt(peer_floor)} | {note} | |"
+    )
     if p.get("n_parameters"):
         lines.append(f"| parameters (count) | {o['n_parameters']:,} | {p['n_parameters']:,} | | |")
     return lines
@@ -501,8 +584,11 @@ def quality_table(name: str, ds: Dataset, res: dict) -> list[str]:
         ll_line += ". Reference decoder scales: " + ", ".join(f"{m} {v:.3g}" for m, v in scales.items())
     lines += [ll_line + ".", ""]
     if o.get("repeat_quality"):
-        lines += [f"MSE per feature; one and all modalities: median over the {len(o['repeat_quality'])} fits (one seed "
-                  "each); 2 of 3 (HMC): the last fit.", ""]
+        lines += [
+            f"MSE per feature; one and all modalities: median over the {len(o['repeat_quality'])} fits (one seed "
+            "each); 2 of 3 (HMC): the last fit.",
+            "",
+        ]
     head = "| conditioning → predicted | skjnf MSE | reference MSE (1 draw / 10-chain mean) |"
     sep = "|---|---|---|"
     if gauss:
@@ -537,8 +623,12 @@ def targets(results: list[dict]) -> list[str]:
             subset_rows = [r for r in res["quality"] if "peer_mean10" in r]
             ours_mse = np.mean([r["ours"] for r in subset_rows])
             ref_mse = np.nanmean([r["peer_mean10"] for r in subset_rows])
-            checks.append((f"subset inference ≥ 10× faster than the reference's one-draw call: {speed:.1f}×", speed >= 10))
-            checks.append((f"subset MSE ≤ reference 10-chain mean: {ours_mse:.4f} vs {ref_mse:.4f}", ours_mse <= ref_mse))
+            checks.append(
+                (f"subset inference ≥ 10× faster than the reference's one-draw call: {speed:.1f}×", speed >= 10)
+            )
+            checks.append(
+                (f"subset MSE ≤ reference 10-chain mean: {ours_mse:.4f} vs {ref_mse:.4f}", ours_mse <= ref_mse)
+            )
         ll_speed = p["nll_s"] / o["joint_ll"]["wall"]
         floor_ratio = o["joint_ll"]["wall"] / o["joint_ll_floor"]["wall"]
         checks.append((f"joint LL ≥ 5× faster: {ll_speed:.1f}×", ll_speed >= 5))
@@ -547,8 +637,13 @@ def targets(results: list[dict]) -> list[str]:
         checks.append((f"fit no slower (aim 1.5× faster): {fit_speed:.2f}×", fit_speed >= 1))
         worse = [r["cond"] for r in res["quality"] if "peer" in r and r["ours"] > r["peer"]]
         checks.append((f"held-out LL no worse: {joint_ll(o):.2f} vs {joint_ll(p):.2f}", joint_ll(o) >= joint_ll(p)))
-        checks.append(("cross-modal MSE no worse for every conditioning set"
-                       + (f" (worse for {', '.join(worse)})" if worse else ""), not worse))
+        checks.append(
+            (
+                "cross-modal MSE no worse for every conditioning set"
+                + (f" (worse for {', '.join(worse)})" if worse else ""),
+                not worse,
+            )
+        )
         lines.append(f"- **{name}**")
         lines += [f"  - {'MET' if ok else 'MISSED'}: {text}" for text, ok in checks]
     return lines
@@ -557,8 +652,12 @@ def targets(results: list[dict]) -> list[str]:
 def scaling_table(rows: list[dict]) -> list[str]:
     if not rows:
         return []
-    lines = [f"#### Scaling (skjnf only, nonlinear data, {rows[0]['epochs']} epochs; wall s / peak MiB above the start)", "",
-             "| rows | fit | latent, all | latent, one | latent, 2 of 3 |", "|---|---|---|---|---|"]
+    lines = [
+        f"#### Scaling (skjnf only, nonlinear data, {rows[0]['epochs']} epochs; wall s / peak MiB above the start)",
+        "",
+        "| rows | fit | latent, all | latent, one | latent, 2 of 3 |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         cells = []
         for k in ("fit", "latent_all", "latent_one", "latent_subset"):
@@ -594,8 +693,9 @@ def skjnf_version() -> dict:
     info = {}
     try:
         root = HERE.parent
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                        text=True).stdout.strip()
+        info["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
         dirty = subprocess.run(["git", "status", "--short", "skjnf"], cwd=root, capture_output=True, text=True).stdout
         info["skjnf_dirty"] = bool(dirty.strip())
     except OSError:
@@ -603,8 +703,11 @@ def skjnf_version() -> dict:
     from skjnf import JNFEstimator
 
     defaults = JNFEstimator().get_params()
-    info["defaults"] = {k: defaults[k] for k in ("decoder_scale", "n_mcmc_steps", "n_leapfrog", "n_posterior_samples",
-                                                 "step_size") if k in defaults}
+    info["defaults"] = {
+        k: defaults[k]
+        for k in ("decoder_scale", "n_mcmc_steps", "n_leapfrog", "n_posterior_samples", "step_size")
+        if k in defaults
+    }
     return info
 
 
@@ -620,10 +723,17 @@ def machine() -> str:
 # ------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 300 train / 60 test rows, 2+2 epochs, reference HMC with 10 steps, 1 timed repeat")
-    ap.add_argument("--datasets", nargs="+", default=["linear-gaussian", "nonlinear", "digits"],
-                    choices=["linear-gaussian", "nonlinear", "digits"])
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 300 train / 60 test rows, 2+2 epochs, reference HMC with 10 steps, 1 timed repeat",
+    )
+    ap.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["linear-gaussian", "nonlinear", "digits"],
+        choices=["linear-gaussian", "nonlinear", "digits"],
+    )
     ap.add_argument("--n-train", type=int, default=1500, help="training rows of the synthetic sets (digits: 1,347)")
     ap.add_argument("--n-test", type=int, default=450)
     ap.add_argument("--joint-epochs", type=int, default=30)
@@ -637,14 +747,25 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="python of the reference venv")
-    ap.add_argument("--peer-mcmc-steps", type=int, default=None,
-                    help="override the reference's HMC steps (default: its own 100); --quick uses 10")
+    ap.add_argument(
+        "--peer-mcmc-steps",
+        type=int,
+        default=None,
+        help="override the reference's HMC steps (default: its own 100); --quick uses 10",
+    )
     ap.add_argument("--no-peer", action="store_true", help="skip the reference")
-    ap.add_argument("--architecture", choices=["matched", "default"], default="matched",
-                    help="matched: skjnf gets the reference's layers (trunks d-512-512-latent, decoders latent-512-d + sigmoid); "
-                         "default: skjnf's own (decoders mirror hidden_sizes)")
-    ap.add_argument("--reference-scale", default="auto",
-                    help="the reference's normal decoder scale: a float, or auto = what skjnf's default picks per modality")
+    ap.add_argument(
+        "--architecture",
+        choices=["matched", "default"],
+        default="matched",
+        help="matched: skjnf gets the reference's layers (trunks d-512-512-latent, decoders latent-512-d + sigmoid); "
+        "default: skjnf's own (decoders mirror hidden_sizes)",
+    )
+    ap.add_argument(
+        "--reference-scale",
+        default="auto",
+        help="the reference's normal decoder scale: a float, or auto = what skjnf's default picks per modality",
+    )
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--scaling-sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     ap.add_argument("--scaling-epochs", type=int, default=1, help="epochs per stage in the scaling runs")
@@ -695,9 +816,16 @@ def main(argv=None) -> int:
             if have_peer:
                 print(f"[{ds.name}] reference ...", flush=True)
                 peer, peer_preds = run_peer(ds, args, Path(tmp))
-            res = {"dataset": ds.name, "description": ds.description, "ours": ours, "peer": peer, "nll_k": args.nll_k,
-                   "reference_scales": reference_scales(ds, args),
-                   "n_train": len(next(iter(ds.train.values()))), "n_test": len(next(iter(ds.test.values())))}
+            res = {
+                "dataset": ds.name,
+                "description": ds.description,
+                "ours": ours,
+                "peer": peer,
+                "nll_k": args.nll_k,
+                "reference_scales": reference_scales(ds, args),
+                "n_train": len(next(iter(ds.train.values()))),
+                "n_test": len(next(iter(ds.test.values()))),
+            }
             res["quality"] = quality(ds, ours_preds, peer_preds, ours, peer)
             if ds.gaussian is not None:
                 res["exact_ll"] = float(np.mean(gaussian_log_likelihood(ds, ds.test)))
@@ -705,8 +833,13 @@ def main(argv=None) -> int:
             print("\n".join(timing_table(ds.name, ours, peer, args)) + "\n", flush=True)
             partial = Path(args.out).with_suffix(".partial.json")
             partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps({"args": vars(args), "results": results, "skjnf": version,
-                                           "calibration": calibration}, indent=1, default=float))
+            partial.write_text(
+                json.dumps(
+                    {"args": vars(args), "results": results, "skjnf": version, "calibration": calibration},
+                    indent=1,
+                    default=float,
+                )
+            )
     scaling = [] if args.no_scaling else run_scaling(args)
     calibration["end"] = calibrate(args.threads)
     gflops = "; ".join(
@@ -720,11 +853,22 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(report + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results, "scaling": scaling,
-                                                      "machine": machine(), "calibration": calibration, "command": cmd,
-                                                      "skjnf": version,
-                                                      "minutes": (time.time() - started) / 60},
-                                                     indent=1, default=float))
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "results": results,
+                "scaling": scaling,
+                "machine": machine(),
+                "calibration": calibration,
+                "command": cmd,
+                "skjnf": version,
+                "minutes": (time.time() - started) / 60,
+            },
+            indent=1,
+            default=float,
+        )
+    )
     out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(f"\nwrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     return 0
@@ -733,25 +877,45 @@ def main(argv=None) -> int:
 def render(args, results, scaling, cmd, machine_text, minutes, gflops, version=None) -> str:
     """The markdown report (also rebuilt from a saved JSON by ``--render``)."""
     version = version or {}
-    code = (f"skjnf at commit {version.get('commit', '?')}" + (" plus uncommitted changes" if version.get("skjnf_dirty") else "")
-            + f"; its defaults used here: {version.get('defaults', 'not recorded')}.")
-    lines = ["### Results", "", f"Command: `{cmd.strip()}`", "", f"Machine: {machine_text}.", code,
-             f"Torch threads: {args.threads} in both processes. Total run time: {minutes:.1f} min.",
-             f"Matmul throughput (128×512 @ 512×512, float32) measured by the run — {gflops}.", "",
-             f"Setting: latent {args.latent_dim}, batch {args.batch_size}, lr {args.lr}, {args.joint_epochs}+{args.flow_epochs} "
-             f"epochs, validation fraction {args.validation_fraction}. skjnf: hidden_sizes=(512, 512), MAF 2 × (128, 128, 128), "
-             "decoder_scale='auto' (its default), its default HMC; "
-             + ("**matched architecture**: per-modality trunks d→512→512→latent (the reference's joint-encoder branches) "
-                "and decoders latent→512→d ending in a sigmoid, i.e. the reference's layers (through `networks`). "
-                if getattr(args, "architecture", "default") == "matched"
-                else "its default architecture (trunks d→512→512, decoders latent→512→512→d). ")
-             + "Reference (MultiVae 1.0.3 JNF, MultistageTrainer): default networks (encoders 2×512, joint encoder 2×512 "
-             "over the encoders' mean heads, decoders 1×512 + sigmoid, MAF 2 × 3×128), fixed normal decoder scale "
-             + ("**equal to skjnf's 'auto' scale** of each modality (so both optimise the same objective; its default "
-                "1.0 collapses the latent on [0, 1] data), " if getattr(args, "reference_scale", "0.1") == "auto"
-                else f"**{args.reference_scale}** for every modality (its default 1.0 collapses the latent on [0, 1] data), ")
-             + ("default HMC (100 steps × 10 leapfrog, ε = 0.01)." if not args.peer_mcmc_steps
-                else f"HMC with **{args.peer_mcmc_steps} steps** (reduced for --quick)."), ""]
+    code = (
+        f"skjnf at commit {version.get('commit', '?')}"
+        + (" plus uncommitted changes" if version.get("skjnf_dirty") else "")
+        + f"; its defaults used here: {version.get('defaults', 'not recorded')}."
+    )
+    lines = [
+        "### Results",
+        "",
+        f"Command: `{cmd.strip()}`",
+        "",
+        f"Machine: {machine_text}.",
+        code,
+        f"Torch threads: {args.threads} in both processes. Total run time: {minutes:.1f} min.",
+        f"Matmul throughput (128×512 @ 512×512, float32) measured by the run — {gflops}.",
+        "",
+        f"Setting: latent {args.latent_dim}, batch {args.batch_size}, lr {args.lr}, {args.joint_epochs}+{args.flow_epochs} "
+        f"epochs, validation fraction {args.validation_fraction}. skjnf: hidden_sizes=(512, 512), MAF 2 × (128, 128, 128), "
+        "decoder_scale='auto' (its default), its default HMC; "
+        + (
+            "**matched architecture**: per-modality trunks d→512→512→latent (the reference's joint-encoder branches) "
+            "and decoders latent→512→d ending in a sigmoid, i.e. the reference's layers (through `networks`). "
+            if getattr(args, "architecture", "default") == "matched"
+            else "its default architecture (trunks d→512→512, decoders latent→512→512→d). "
+        )
+        + "Reference (MultiVae 1.0.3 JNF, MultistageTrainer): default networks (encoders 2×512, joint encoder 2×512 "
+        "over the encoders' mean heads, decoders 1×512 + sigmoid, MAF 2 × 3×128), fixed normal decoder scale "
+        + (
+            "**equal to skjnf's 'auto' scale** of each modality (so both optimise the same objective; its default "
+            "1.0 collapses the latent on [0, 1] data), "
+            if getattr(args, "reference_scale", "0.1") == "auto"
+            else f"**{args.reference_scale}** for every modality (its default 1.0 collapses the latent on [0, 1] data), "
+        )
+        + (
+            "default HMC (100 steps × 10 leapfrog, ε = 0.01)."
+            if not args.peer_mcmc_steps
+            else f"HMC with **{args.peer_mcmc_steps} steps** (reduced for --quick)."
+        ),
+        "",
+    ]
     for res in results:
         ds_args = args
         lines += timing_table(res["dataset"], res["ours"], res["peer"], ds_args) + [""]
@@ -768,12 +932,23 @@ def render_saved(path: str) -> int:
     saved = json.loads(Path(path).read_text())
     args = argparse.Namespace(**saved["args"])
     calibration = saved.get("calibration", {})
-    gflops = "; ".join(
-        f"{when}: " + ", ".join(f"{v:.1f} GFLOP/s at {k.split('_')[1]} thread(s)" for k, v in c.items())
-        for when, c in calibration.items()
-    ) or "not recorded"
-    report = render(args, saved["results"], saved.get("scaling", []), saved.get("command", "python benchmarks/run.py"),
-                    saved.get("machine", machine()), saved.get("minutes", float("nan")), gflops, saved.get("skjnf"))
+    gflops = (
+        "; ".join(
+            f"{when}: " + ", ".join(f"{v:.1f} GFLOP/s at {k.split('_')[1]} thread(s)" for k, v in c.items())
+            for when, c in calibration.items()
+        )
+        or "not recorded"
+    )
+    report = render(
+        args,
+        saved["results"],
+        saved.get("scaling", []),
+        saved.get("command", "python benchmarks/run.py"),
+        saved.get("machine", machine()),
+        saved.get("minutes", float("nan")),
+        gflops,
+        saved.get("skjnf"),
+    )
     print(report)
     return 0
 

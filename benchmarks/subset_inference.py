@@ -106,10 +106,16 @@ def run_table(name: str, methods, params: dict, seed: int) -> dict:
     fit_seconds = time.perf_counter() - start
     reconstruction = estimator.predict(table.test)
     out = {
-        "table": name, "n_train": len(table.y_train), "n_test": len(table.y_test),
-        "views": {m: x.shape[1] for m, x in table.train.items()}, "fit_seconds": fit_seconds,
+        "table": name,
+        "n_train": len(table.y_train),
+        "n_test": len(table.y_test),
+        "views": {m: x.shape[1] for m, x in table.train.items()},
+        "fit_seconds": fit_seconds,
         "self": {m: mse(reconstruction[m], table.test[m]) for m in table.names},
-        "ridge": {}, "bayes": {}, "methods": {}, "torch_threads": torch.get_num_threads(),
+        "ridge": {},
+        "bayes": {},
+        "methods": {},
+        "torch_threads": torch.get_num_threads(),
         "best_epochs": [estimator.history_["joint"]["best_epoch"], estimator.history_["flows"]["best_epoch"]],
     }
     for cond in conditioning_sets(table.names):
@@ -125,12 +131,16 @@ def run_table(name: str, methods, params: dict, seed: int) -> dict:
         violations, worst = monotonicity(result["mse"], table.names)
         others = {t: result["mse"]["+".join(m for m in table.names if m != t) + ">" + t] for t in table.names}
         result.update(
-            violations=violations, worst_ratio=worst,
+            violations=violations,
+            worst_ratio=worst,
             all_others_over_self={t: others[t] / out["self"][t] for t in table.names},
         )
         out["methods"][method] = result
-        print(f"{name:16s} {method:14s} {result['seconds']:7.1f} s  worst S/best-single {worst:5.2f}  "
-              f"violations {len(violations):3d}  escapes {result['escape_warnings']}", flush=True)
+        print(
+            f"{name:16s} {method:14s} {result['seconds']:7.1f} s  worst S/best-single {worst:5.2f}  "
+            f"violations {len(violations):3d}  escapes {result['escape_warnings']}",
+            flush=True,
+        )
     return out
 
 
@@ -151,9 +161,15 @@ def summary(results: list[dict]) -> list[str]:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["# Subset inference on real tables", "", "Worst MSE(S) / best single view over targets and sets of two or more views "
-             "(<= 1: more views never hurt), HMC escape warnings, and the time of all the table's predictions:", "",
-             *summary(results), ""]
+    lines = [
+        "# Subset inference on real tables",
+        "",
+        "Worst MSE(S) / best single view over targets and sets of two or more views "
+        "(<= 1: more views never hurt), HMC escape warnings, and the time of all the table's predictions:",
+        "",
+        *summary(results),
+        "",
+    ]
     for res in results:
         names = list(res["views"])
         lines += [
@@ -167,9 +183,15 @@ def markdown(results: list[dict]) -> str:
         ]
         for method, r in res["methods"].items():
             ratios = ", ".join(f"{t} {v:.2f}" for t, v in r["all_others_over_self"].items())
-            lines.append(f"| {method} | {r['seconds']:.1f} | {r['worst_ratio']:.2f} | {len(r['violations'])} | "
-                         f"{r['escape_warnings']} | {ratios} |")
-        lines += ["", "MSE per target (rows) and conditioning set (columns); self = reconstruction from every view:", ""]
+            lines.append(
+                f"| {method} | {r['seconds']:.1f} | {r['worst_ratio']:.2f} | {len(r['violations'])} | "
+                f"{r['escape_warnings']} | {ratios} |"
+            )
+        lines += [
+            "",
+            "MSE per target (rows) and conditioning set (columns); self = reconstruction from every view:",
+            "",
+        ]
         for target in names:
             conds = [c for c in conditioning_sets(names) if target not in c]
             header = ["method", "self"] + ["+".join(c) for c in conds]

@@ -36,9 +36,9 @@ sys.path.insert(0, str(HERE))
 
 
 def measure(table_name: str, params: dict, seed: int) -> dict:
+    from _tables import load_table
     from sklearn.linear_model import LogisticRegression
 
-    from _tables import load_table
     from skjnf import JNFEstimator
 
     table = load_table(table_name)
@@ -53,7 +53,9 @@ def measure(table_name: str, params: dict, seed: int) -> dict:
         names = table.names
         one = [
             np.mean((estimator.predict(table.test, cond_mod=j)[m] - table.test[m]) ** 2)
-            for j in names for m in names if m != j
+            for j in names
+            for m in names
+            if m != j
         ]
         rest = [
             np.mean((estimator.predict(table.test, cond_mod=[j for j in names if j != m])[m] - table.test[m]) ** 2)
@@ -62,8 +64,12 @@ def measure(table_name: str, params: dict, seed: int) -> dict:
         loglik = estimator.score(table.test)
     history = estimator.history_
     return {
-        "table": table_name, "fit_s": fit_seconds, "loglik": float(loglik), "probe": float(accuracy),
-        "mse_one": float(np.mean(one)), "mse_rest": float(np.mean(rest)),
+        "table": table_name,
+        "fit_s": fit_seconds,
+        "loglik": float(loglik),
+        "probe": float(accuracy),
+        "mse_one": float(np.mean(one)),
+        "mse_rest": float(np.mean(rest)),
         "best": [history["joint"]["best_epoch"], history["flows"]["best_epoch"]],
         "epochs": [len(history["joint"]["epochs"]), len(history["flows"]["epochs"])],
     }
@@ -93,14 +99,26 @@ def main() -> None:
                 import os
 
                 env = {**os.environ, "PYTHONPATH": str(Path(args.baseline).resolve())}
-            command = [sys.executable, __file__, "--worker", table, config, "--threads", str(args.threads),
-                       "--seed", str(args.seed)]
+            command = [
+                sys.executable,
+                __file__,
+                "--worker",
+                table,
+                config,
+                "--threads",
+                str(args.threads),
+                "--seed",
+                str(args.seed),
+            ]
             out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
             row = {"config": ("baseline " if env else "") + config, **json.loads(out.strip().splitlines()[-1])}
             results.append(row)
-            print(f"{row['config'][:60]:60s} {table:16s} fit {row['fit_s']:6.1f} s  loglik {row['loglik']:9.2f}  "
-                  f"probe {row['probe']:.3f}  mse one {row['mse_one']:.3f} rest {row['mse_rest']:.3f}  "
-                  f"best {row['best']} of {row['epochs']}", flush=True)
+            print(
+                f"{row['config'][:60]:60s} {table:16s} fit {row['fit_s']:6.1f} s  loglik {row['loglik']:9.2f}  "
+                f"probe {row['probe']:.3f}  mse one {row['mse_one']:.3f} rest {row['mse_rest']:.3f}  "
+                f"best {row['best']} of {row['epochs']}",
+                flush=True,
+            )
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 

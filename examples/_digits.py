@@ -39,6 +39,12 @@ def digit_views(n_test_quick: int = 100) -> SimpleNamespace:
     X_train = {name: scalers[name].transform(block[train]) for name, block in views.items()}
     X_test = {name: scalers[name].transform(block[test]) for name, block in views.items()}
     return SimpleNamespace(
-        X_train=X_train, X_test=X_test, y_train=labels[train], y_test=labels[test],
-        images=images, train=train, test=test, scalers=scalers,
+        X_train=X_train,
+        X_test=X_test,
+        y_train=labels[train],
+        y_test=labels[test],
+        images=images,
+        train=train,
+        test=test,
+        scalers=scalers,
     )

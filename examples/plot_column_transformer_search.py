@@ -72,8 +72,12 @@ print(f"best latent_dim {best_dim}: test accuracy of the refitted pipeline {sear
 
 fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
 ax.errorbar(
-    latent_dims, results["mean_test_score"], results["std_test_score"],
-    marker="o", capsize=4, label="JNF latent + logistic regression",
+    latent_dims,
+    results["mean_test_score"],
+    results["std_test_score"],
+    marker="o",
+    capsize=4,
+    label="JNF latent + logistic regression",
 )
 ax.axhline(baseline.mean(), color="gray", linestyle="--", label="logistic regression on all 30 columns")
 ax.set_xscale("log", base=2)

@@ -15,10 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from _digits import QUICK, output_dir
 from sklearn.datasets import load_digits
 from torch import nn
 
-from _digits import QUICK, output_dir
 from skjnf import JNFEstimator
 
 OUTPUT = output_dir(__file__)
@@ -31,7 +31,10 @@ class ConvEncoder(nn.Module):
     def __init__(self, in_shape, latent_dim, channels=16):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(in_shape[0], channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(in_shape[0], channels, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
             nn.Linear(channels * (in_shape[1] // 2) * (in_shape[2] // 2), 2 * latent_dim),
         )
 
@@ -44,7 +47,9 @@ class ConvTrunk(nn.Module):
 
     def __init__(self, in_shape, channels=16):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(in_shape[0], channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+        self.net = nn.Sequential(
+            nn.Conv2d(in_shape[0], channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -57,7 +62,9 @@ class ConvDecoder(nn.Module):
         super().__init__()
         self.out_shape, self.channels = tuple(out_shape), channels
         self.linear = nn.Linear(latent_dim, channels * 4 * 4)
-        self.net = nn.Sequential(nn.ReLU(), nn.Upsample(scale_factor=2), nn.Conv2d(channels, out_shape[0], 3, padding=1))
+        self.net = nn.Sequential(
+            nn.ReLU(), nn.Upsample(scale_factor=2), nn.Conv2d(channels, out_shape[0], 3, padding=1)
+        )
 
     def forward(self, z):
         h = self.linear(z).reshape(-1, self.channels, 4, 4)

@@ -12,15 +12,14 @@ fills in the training mean of every pixel. ``examples/output/imputation_digits.p
 few test digits: the true image, the observed left half, and the left half completed by JNF.
 """
 
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-
 from _digits import QUICK, digit_views, output_dir
+
 from skjnf import JNFEstimator
 
 OUTPUT = output_dir(__file__)

@@ -13,17 +13,16 @@ digits, is scored on each encoding of the test digits: a high score means that a
 view lands where the full observation would, the point of JNF's flow-enriched posteriors.
 """
 
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from _digits import QUICK, digit_views, output_dir
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 
-from _digits import QUICK, digit_views, output_dir
 from skjnf import JNFEstimator
 
 OUTPUT = output_dir(__file__)

@@ -427,7 +427,9 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
                 raise ValueError(f"decoder for modality {name!r} must be one of {sorted(LIKELIHOODS)}; got {dist!r}.")
         scales = _per_modality(self.decoder_scale, names, "decoder_scale", "auto")
         for name, scale in zip(names, scales):
-            if not (scale in ("auto", "learn") or isinstance(scale, Real) and not isinstance(scale, bool) and scale > 0):
+            if not (
+                scale in ("auto", "learn") or isinstance(scale, Real) and not isinstance(scale, bool) and scale > 0
+            ):
                 raise ValueError(
                     f"decoder_scale for modality {name!r} must be a float > 0, 'auto' or 'learn'; got {scale!r}."
                 )
@@ -436,7 +438,9 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         elif isinstance(self.rescale_likelihoods, Mapping):
             rescale = _per_modality(self.rescale_likelihoods, names, "rescale_likelihoods", 1.0)
             if not all(isinstance(r, Real) and r > 0 for r in rescale):
-                raise ValueError(f"rescale_likelihoods weights must be positive numbers; got {self.rescale_likelihoods!r}.")
+                raise ValueError(
+                    f"rescale_likelihoods weights must be positive numbers; got {self.rescale_likelihoods!r}."
+                )
         else:
             rescale = [1.0] * len(names)
         flows = _per_modality(self.flow, names, "flow", "maf")
@@ -472,7 +476,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             warnings.warn(
                 f"fit left out {n_dropped} of {data.n_samples} rows with a missing modality "
                 "(JNF trains on complete rows).",
-                UserWarning, stacklevel=4,
+                UserWarning,
+                stacklevel=4,
             )
         rows = torch.from_numpy(np.flatnonzero(complete))
         return {m: data.blocks[m][rows] for m in layout.names}, n_dropped
@@ -484,7 +489,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
                 warnings.warn(
                     f"validation_fraction={self.validation_fraction} leaves no validation set for {n} "
                     "complete rows; the best epoch is chosen by training loss.",
-                    UserWarning, stacklevel=4,
+                    UserWarning,
+                    stacklevel=4,
                 )
             return np.arange(n), np.arange(0)
         order = np.random.default_rng(seed).permutation(n)
@@ -496,7 +502,11 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         try:
             for stage, epochs, seed in (("joint", self.joint_epochs, seeds[0]), ("flows", self.flow_epochs, seeds[1])):
                 if epochs == 0:
-                    warnings.warn(f"{STAGES[stage]} runs for 0 epochs: its networks stay at initialisation.", UserWarning, stacklevel=4)
+                    warnings.warn(
+                        f"{STAGES[stage]} runs for 0 epochs: its networks stay at initialisation.",
+                        UserWarning,
+                        stacklevel=4,
+                    )
                 if stage == "flows":  # freeze before the first stage-2 forward (jnf_algorithm.md §2.2)
                     for p in joint_params:
                         p.requires_grad_(False)
@@ -518,6 +528,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
 
             parts, noise_dim = [module.joint_parts()], module.latent_dim
         else:
+
             def part_losses(m, b, e):
                 experts, subset = stage2_terms(m, b, e)
                 return list(experts.values()) + ([] if subset is None else [subset])
@@ -605,9 +616,17 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
                 cond = [m for m, on in zip(self.modality_names_, pattern) if on]
                 blocks = {m: data.blocks[m][torch.from_numpy(rows)].to(self._device) for m in cond}
                 z = posterior_latents(
-                    self.module_, blocks, cond, n_draws=n_draws, n_mean_samples=self.n_posterior_samples,
-                    hmc=self._hmc_settings(), generator=pattern_generator(seed, pattern, self._device),
-                    stats=stats, rows=rows, progress=self.verbose > 0, subset_posterior=self.subset_posterior,
+                    self.module_,
+                    blocks,
+                    cond,
+                    n_draws=n_draws,
+                    n_mean_samples=self.n_posterior_samples,
+                    hmc=self._hmc_settings(),
+                    generator=pattern_generator(seed, pattern, self._device),
+                    stats=stats,
+                    rows=rows,
+                    progress=self.verbose > 0,
+                    subset_posterior=self.subset_posterior,
                 )
                 out[..., rows, :] = z.cpu().numpy()
         self._record_hmc(stats)
@@ -622,13 +641,15 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             warnings.warn(
                 f"HMC acceptance {stats.acceptance:.2f} is far from its 0.75 target; consider a larger "
                 "n_mcmc_steps (longer adaptation) or step_size='auto'.",
-                UserWarning, stacklevel=4,
+                UserWarning,
+                stacklevel=4,
             )
         if stats.escaped_rows:
             warnings.warn(
                 f"HMC chains of row(s) {stats.escaped_rows[:10]} ended far from the origin (|z| > 10): "
                 "the product of experts may be improper for these rows.",
-                UserWarning, stacklevel=4,
+                UserWarning,
+                stacklevel=4,
             )
 
     def transform(self, X, cond_mod=None):
@@ -704,8 +725,10 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         names = [m for m, d in zip(self.modality_names_, self._spec["decoders"]) if d in ("bernoulli", "categorical")]
         if not names:
-            raise ValueError("predict_probabilities needs a bernoulli or categorical modality; decoders are "
-                             f"{dict(zip(self.modality_names_, self._spec['decoders']))}.")
+            raise ValueError(
+                "predict_probabilities needs a bernoulli or categorical modality; decoders are "
+                f"{dict(zip(self.modality_names_, self._spec['decoders']))}."
+            )
         data, z = self._posterior(X, cond_mod, None, None)
         decoded = self._decode(z, "probabilities", self._inference_seed, names)
         return {m: x.astype(data.dtype, copy=False) for m, x in decoded.items()}
@@ -768,9 +791,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         _, data, _ = validate_X(self, X, fit=False)
         missing = np.flatnonzero(~data.observed.all(axis=1))
         if len(missing):
-            raise ValueError(
-                f"score_samples needs every modality observed; row(s) {missing[:10].tolist()} miss some."
-            )
+            raise ValueError(f"score_samples needs every modality observed; row(s) {missing[:10].tolist()} miss some.")
         if cond_mod is None:
             generator = torch.Generator(device=self._device).manual_seed(self._inference_seed)
             blocks = {m: x.to(self._device) for m, x in data.blocks.items()}
@@ -784,9 +805,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         _, draws = self._posterior(X, cond_mod, self.n_importance_samples, None)
         blocks = {m: data.blocks[m].to(self._device) for m in targets}
         with frozen_inference(self.module_):
-            log_p = conditional_log_likelihood(
-                self.module_, blocks, targets, torch.from_numpy(draws).to(self._device)
-            )
+            log_p = conditional_log_likelihood(self.module_, blocks, targets, torch.from_numpy(draws).to(self._device))
         return log_p.cpu().numpy()
 
     def score(self, X, y=None):
@@ -861,7 +880,9 @@ def _loaded_device(device) -> torch.device:
     try:
         return _resolve_device(device)
     except ValueError:
-        warnings.warn(f"device={device!r} is not available here; the model was loaded on CPU.", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"device={device!r} is not available here; the model was loaded on CPU.", UserWarning, stacklevel=2
+        )
         return torch.device("cpu")
 
 
@@ -889,7 +910,9 @@ def _check_networks(networks, names) -> dict:
             if part not in NETWORK_PARTS:
                 raise ValueError(f"networks[{name!r}] has unknown part {part!r}; parts are {sorted(NETWORK_PARTS)}.")
             factory = spec[0] if isinstance(spec, tuple) else spec
-            if not callable(factory) or (isinstance(spec, tuple) and (len(spec) != 2 or not isinstance(spec[1], Mapping))):
+            if not callable(factory) or (
+                isinstance(spec, tuple) and (len(spec) != 2 or not isinstance(spec[1], Mapping))
+            ):
                 raise TypeError(
                     f"networks[{name!r}][{part!r}] must be a callable or (callable, kwargs dict); got {spec!r}."
                 )
@@ -903,15 +926,29 @@ def _check_contracts(module: JNFModule, sample: dict) -> None:
         for j, name in enumerate(module.names):
             x = module.encoder_input(j, sample[name])
             n = x.shape[0]
-            _expect(lambda: module.joint_encoder.trunks[j](x), lambda h: h.dim() == 2 and h.shape[0] == n,
-                    name, "trunk", f"features of shape ({n}, width)")
-            _expect(lambda: module.encoders[j](x),
-                    lambda out: len(out) == 2 and all(t.shape == (n, D) for t in out),
-                    name, "encoder", f"(mean, log_variance), each of shape ({n}, {D})")
+            _expect(
+                lambda: module.joint_encoder.trunks[j](x),
+                lambda h: h.dim() == 2 and h.shape[0] == n,
+                name,
+                "trunk",
+                f"features of shape ({n}, width)",
+            )
+            _expect(
+                lambda: module.encoders[j](x),
+                lambda out: len(out) == 2 and all(t.shape == (n, D) for t in out),
+                name,
+                "encoder",
+                f"(mean, log_variance), each of shape ({n}, {D})",
+            )
             n_outputs = module.likelihoods[j].n_outputs
             for z in (torch.zeros(n, D), torch.zeros(3, n, D)):
-                _expect(lambda: module.natural_parameters(j, z), lambda a: a.shape == (*z.shape[:-1], n_outputs),
-                        name, "decoder", f"natural parameters with {n_outputs} values per row, for z of shape {tuple(z.shape)}")
+                _expect(
+                    lambda: module.natural_parameters(j, z),
+                    lambda a: a.shape == (*z.shape[:-1], n_outputs),
+                    name,
+                    "decoder",
+                    f"natural parameters with {n_outputs} values per row, for z of shape {tuple(z.shape)}",
+                )
             _check_flow(module.flows[j], name, D)
 
 
@@ -919,7 +956,9 @@ def _expect(call, ok, name: str, part: str, expected: str) -> None:
     try:
         out = call()
     except Exception as error:  # a user network failing on a probe batch: say which one
-        raise ValueError(f"Modality {name!r}: the {part} failed on a probe batch ({error!r}); it must return {expected}.") from error
+        raise ValueError(
+            f"Modality {name!r}: the {part} failed on a probe batch ({error!r}); it must return {expected}."
+        ) from error
     if not ok(out):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"Modality {name!r}: the {part} must return {expected}; got {got}.")
@@ -929,11 +968,21 @@ def _check_flow(flow, name: str, D: int) -> None:
     if not callable(getattr(flow, "inverse", None)):
         raise ValueError(f"Modality {name!r}: the flow has no inverse(u) method; it must map u back to (z, log_det).")
     z = torch.linspace(-1.0, 1.0, 2 * D).reshape(2, D)
-    _expect(lambda: flow(z), lambda out: len(out) == 2 and out[0].shape == (2, D) and out[1].shape == (2,),
-            name, "flow", f"(u, log_det) of shapes (2, {D}) and (2,) from forward(z)")
+    _expect(
+        lambda: flow(z),
+        lambda out: len(out) == 2 and out[0].shape == (2, D) and out[1].shape == (2,),
+        name,
+        "flow",
+        f"(u, log_det) of shapes (2, {D}) and (2,) from forward(z)",
+    )
     u, _ = flow(z)
-    _expect(lambda: flow.inverse(u), lambda out: len(out) == 2 and out[0].shape == (2, D), name, "flow",
-            f"(z, log_det) of shapes (2, {D}) and (2,) from inverse(u)")
+    _expect(
+        lambda: flow.inverse(u),
+        lambda out: len(out) == 2 and out[0].shape == (2, D),
+        name,
+        "flow",
+        f"(z, log_det) of shapes (2, {D}) and (2,) from inverse(u)",
+    )
     if not torch.allclose(flow.inverse(u)[0], z, atol=1e-3):
         raise ValueError(f"Modality {name!r}: the flow's inverse does not undo its forward pass.")
 
@@ -969,8 +1018,15 @@ def _build_module(spec: dict, train_blocks: dict | None, seed: int) -> JNFModule
         if train_blocks is not None:
             biases = [lik.natural_parameter_from_data(train_blocks[name]) for lik, name in zip(likelihoods, names)]
         return JNFModule(
-            names, [tuple(shape) for shape in spec["shapes"]], likelihoods, spec["latent_dim"],
-            spec["hidden_sizes"], spec["flows"], spec["n_flow_blocks"], spec["flow_hidden_sizes"],
-            networks=spec["networks"], decoder_biases=biases,
+            names,
+            [tuple(shape) for shape in spec["shapes"]],
+            likelihoods,
+            spec["latent_dim"],
+            spec["hidden_sizes"],
+            spec["flows"],
+            spec["n_flow_blocks"],
+            spec["flow_hidden_sizes"],
+            networks=spec["networks"],
+            decoder_biases=biases,
             decoder_hidden_sizes=spec.get("decoder_hidden_sizes"),
         )

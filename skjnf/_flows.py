@@ -272,9 +272,7 @@ class MAF(nn.Module):
     True
     """
 
-    def __init__(
-        self, latent_dim: int, n_blocks: int, hidden_sizes: Sequence[int], identity_init: bool = True
-    ) -> None:
+    def __init__(self, latent_dim: int, n_blocks: int, hidden_sizes: Sequence[int], identity_init: bool = True) -> None:
         super().__init__()
         blocks = (MAFBlock(latent_dim, hidden_sizes, identity_init) for _ in range(n_blocks))
         self.blocks = nn.ModuleList(blocks)
@@ -394,9 +392,7 @@ class RealNVP(nn.Module):
     (torch.Size([7, 5, 4]), torch.Size([7, 5]))
     """
 
-    def __init__(
-        self, latent_dim: int, n_blocks: int, hidden_sizes: Sequence[int], identity_init: bool = True
-    ) -> None:
+    def __init__(self, latent_dim: int, n_blocks: int, hidden_sizes: Sequence[int], identity_init: bool = True) -> None:
         super().__init__()
         _check_sizes(latent_dim, hidden_sizes)
         odd = torch.arange(latent_dim) % 2 == 1

@@ -303,9 +303,7 @@ def _hmc_rows(
     accepted = torch.zeros(n_rows, device=device, dtype=torch.float64)
     n_divergent = torch.zeros((), device=device, dtype=torch.int64)
     for t in range(1, n_steps + 1):
-        state, accept, log_accept, divergent = _hmc_transition(
-            state, step, inverse_mass, n_leapfrog, target, generator
-        )
+        state, accept, log_accept, divergent = _hmc_transition(state, step, inverse_mass, n_leapfrog, target, generator)
         if t > n_burn:
             position_sum += state[0].sum(0, dtype=torch.float64)
             accepted += accept.sum(0, dtype=torch.float64)
@@ -456,9 +454,7 @@ def hmc_sample(
             target = partial(product_of_experts_log_prob, experts=chunk_experts)
         else:
             target = partial(log_target, rows=rows)
-        chunks.append(
-            _hmc_rows(chunk_experts, target, n_chains, n_steps, n_leapfrog, step_size, generator, adapt_mass)
-        )
+        chunks.append(_hmc_rows(chunk_experts, target, n_chains, n_steps, n_leapfrog, step_size, generator, adapt_mass))
         if progress is not None:
             progress(index, len(starts))
     return _concatenate(chunks, experts, n_chains)

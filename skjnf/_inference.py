@@ -193,14 +193,17 @@ def _flow_posterior(
 def _subset_log_target(module: JNFModule, blocks: dict[str, Tensor], cond: Sequence[str], experts, method: str):
     """``log_target(z, rows)`` of HMC for a subset posterior ``method`` other than "amortized"."""
     if method == "generative":  # the model's own posterior: p(z) Π_{j∈S} p(x_j | z)
+
         def log_target(z, rows):
             return std_normal_log_prob(z) + sum(module.log_likelihood(m, blocks[m][rows], z) for m in cond)
+
         return log_target
     divisor = module.aggregate_log_prob if method == "product" else std_normal_log_prob
 
     def log_target(z, rows):
         chunk = [(mean[rows], log_var[rows], flow) for mean, log_var, flow in experts]
         return product_of_experts_log_prob(z, chunk, divisor)
+
     return log_target
 
 
@@ -253,8 +256,15 @@ def posterior_latents(
         used = _subset_route(module, cond)
         if used != list(cond):  # a subset of cond fitted held-out rows better
             return posterior_latents(
-                module, {m: blocks[m] for m in used}, used, n_draws=n_draws, n_mean_samples=n_mean_samples,
-                hmc=hmc, generator=generator, stats=stats, rows=rows,
+                module,
+                {m: blocks[m] for m in used},
+                used,
+                n_draws=n_draws,
+                n_mean_samples=n_mean_samples,
+                hmc=hmc,
+                generator=generator,
+                stats=stats,
+                rows=rows,
             )
         mask = torch.tensor([[float(m in cond) for m in module.names]], device=device)
 
@@ -269,7 +279,12 @@ def posterior_latents(
         experts.append((mean, log_var, module.flows[module.index(name)]))
     n_chains = hmc.n_chains if n_draws is None else n_draws
     result = hmc_sample(
-        experts, n_chains, hmc.n_steps, hmc.n_leapfrog, hmc.step_size, generator,
+        experts,
+        n_chains,
+        hmc.n_steps,
+        hmc.n_leapfrog,
+        hmc.step_size,
+        generator,
         progress=_progress_bar(f"HMC on {n} rows given {cond}") if progress else None,
         log_target=_subset_log_target(module, blocks, cond, experts, subset_posterior),
     )
@@ -327,4 +342,3 @@ def decode_in_chunks(decode, latent: Tensor) -> Tensor:
     parts = [decode(flat[part]) for part in _row_chunks(len(flat), 1, latent.device, DECODE_BATCH_ELEMENTS)]
     out = torch.cat(parts) if parts else decode(flat)
     return out.reshape(*latent.shape[:-1], *out.shape[1:])
-

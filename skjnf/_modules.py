@@ -20,8 +20,20 @@ from ._flows import make_flow
 from ._likelihoods import Likelihood
 
 __all__ = [
-    "mlp", "GaussianHead", "JointEncoder", "Decoder", "SubsetEncoder", "JNFModule",
-    "stage1_loss", "stage2_loss", "stage2_terms", "stage2_noise_dim", "random_subset_masks", "choose_subset_routes", "JOINT_MEAN", "JOINT_LOG_VAR",
+    "mlp",
+    "GaussianHead",
+    "JointEncoder",
+    "Decoder",
+    "SubsetEncoder",
+    "JNFModule",
+    "stage1_loss",
+    "stage2_loss",
+    "stage2_terms",
+    "stage2_noise_dim",
+    "random_subset_masks",
+    "choose_subset_routes",
+    "JOINT_MEAN",
+    "JOINT_LOG_VAR",
 ]
 
 
@@ -65,7 +77,9 @@ class UnimodalEncoder(nn.Module):
 class JointEncoder(nn.Module):
     """q(z | X): one trunk per modality, concatenated, then a joint MLP and Gaussian heads."""
 
-    def __init__(self, trunks: Sequence[nn.Module], trunk_widths: Sequence[int], hidden_sizes: Sequence[int], latent_dim: int):
+    def __init__(
+        self, trunks: Sequence[nn.Module], trunk_widths: Sequence[int], hidden_sizes: Sequence[int], latent_dim: int
+    ):
         super().__init__()
         self.trunks = nn.ModuleList(trunks)
         joint_in = sum(trunk_widths)
@@ -108,7 +122,8 @@ class SubsetEncoder(nn.Module):
         width = hidden_sizes[-1] if len(hidden_sizes) else 2 * latent_dim
         self.width = width
         self.trunks = nn.ModuleList(
-            nn.Sequential(_flat(d, hidden_sizes), nn.Linear(_out_width(d, hidden_sizes), 2 * width)) for d in in_features
+            nn.Sequential(_flat(d, hidden_sizes), nn.Linear(_out_width(d, hidden_sizes), 2 * width))
+            for d in in_features
         )
         self.subset_embedding = nn.Linear(len(in_features), width)
         body = [nn.ReLU(), *mlp(width, hidden_sizes[-1:])] if len(hidden_sizes) else []
@@ -201,16 +216,25 @@ class JNFModule(nn.Module):
         ]
         parts = [networks.get(name, {}) for name in names]
         trunks = [
-            build_part(p.get("trunk"), lambda s=s: _flat(math.prod(s), hidden_sizes), f"Modality {n!r}: the trunk", in_shape=s)
+            build_part(
+                p.get("trunk"), lambda s=s: _flat(math.prod(s), hidden_sizes), f"Modality {n!r}: the trunk", in_shape=s
+            )
             for n, p, s in zip(names, parts, self.in_shapes)
         ]
         with torch.no_grad():  # trunk widths, from a probe
             widths = [trunk(torch.zeros(2, *s)).shape[-1] for trunk, s in zip(trunks, self.in_shapes)]
         self.joint_encoder = JointEncoder(trunks, widths, hidden_sizes, latent_dim)
-        out_shapes = [shape if lik.n_outputs == math.prod(shape) else (lik.n_outputs,) for lik, shape in zip(likelihoods, shapes)]
+        out_shapes = [
+            shape if lik.n_outputs == math.prod(shape) else (lik.n_outputs,) for lik, shape in zip(likelihoods, shapes)
+        ]
         self.decoders = nn.ModuleList(
-            build_part(p.get("decoder"), lambda lik=lik: Decoder(latent_dim, decoder_hidden_sizes, lik.n_outputs),
-                       f"Modality {n!r}: the decoder", latent_dim=latent_dim, out_shape=out)
+            build_part(
+                p.get("decoder"),
+                lambda lik=lik: Decoder(latent_dim, decoder_hidden_sizes, lik.n_outputs),
+                f"Modality {n!r}: the decoder",
+                latent_dim=latent_dim,
+                out_shape=out,
+            )
             for n, p, lik, out in zip(names, parts, likelihoods, out_shapes)
         )
         if decoder_biases is not None:
@@ -221,7 +245,9 @@ class JNFModule(nn.Module):
                     if isinstance(decoder, Decoder):
                         decoder.out.bias.copy_(bias)
         self.encoders = nn.ModuleList(
-            SoftclampedEncoder(build_part(p["encoder"], None, f"Modality {n!r}: the encoder", in_shape=s, latent_dim=latent_dim))
+            SoftclampedEncoder(
+                build_part(p["encoder"], None, f"Modality {n!r}: the encoder", in_shape=s, latent_dim=latent_dim)
+            )
             if p.get("encoder") is not None
             else UnimodalEncoder(math.prod(s), hidden_sizes, latent_dim)
             for n, p, s in zip(names, parts, self.in_shapes)
@@ -345,9 +371,7 @@ def stage1_loss(
     """Per-row Σ_m r_m·(−log p(x_m | z)) + β·KL(q(z | X) ‖ N(0, I)), z reparameterised from ``noise``."""
     mean, log_var = module.joint_posterior(blocks)
     z = reparameterize(mean, log_var, noise)
-    reconstruction = sum(
-        -r * module.log_likelihood(name, blocks[name], z) for name, r in zip(module.names, rescale)
-    )
+    reconstruction = sum(-r * module.log_likelihood(name, blocks[name], z) for name, r in zip(module.names, rescale))
     kl = 0.5 * (mean**2 + torch.exp(log_var) - 1.0 - log_var).sum(-1)
     return reconstruction + beta * kl
 
@@ -380,7 +404,9 @@ def random_subset_masks(noise: Tensor) -> Tensor:
     return (ranks < size[:, None]).to(noise.dtype)
 
 
-def stage2_terms(module: JNFModule, blocks: dict[str, Tensor], noise: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+def stage2_terms(
+    module: JNFModule, blocks: dict[str, Tensor], noise: Tensor
+) -> tuple[dict[str, Tensor], Tensor | None]:
     """Per-row ({j: −log q_j(z | x_j)} for every modality j, −log q_S(z | x_S) or None when M < 3).
 
     z is one draw of the frozen joint posterior, from ``noise[:, :D]``; with M >= 3 the rest of
@@ -420,7 +446,9 @@ def stage2_noise_dim(module: JNFModule) -> int:
     return module.latent_dim + (SUBSET_DRAWS * (len(module.names) + 1) if module.subset_encoder is not None else 0)
 
 
-def joint_log_weights(module: JNFModule, blocks: dict[str, Tensor], mean: Tensor, log_var: Tensor, noise: Tensor) -> Tensor:
+def joint_log_weights(
+    module: JNFModule, blocks: dict[str, Tensor], mean: Tensor, log_var: Tensor, noise: Tensor
+) -> Tensor:
     """log w_k = Σ_m log p(x_m | z_k) + log N(z_k; 0, I) − log q(z_k | X), for noise (K, D) shared by rows."""
     z = reparameterize(mean, log_var, noise[:, None, :])  # (K, n, D)
     log_w = std_normal_log_prob(z) - gaussian_log_prob(z, mean, log_var)
@@ -450,7 +478,10 @@ def choose_subset_routes(module: JNFModule, blocks: dict[str, Tensor], noise: Te
     z = reparameterize(blocks[JOINT_MEAN], blocks[JOINT_LOG_VAR], noise[:, : module.latent_dim])
     best = {}  # bitmask -> (held-out loss, bitmask of the posterior used)
     for j, name in enumerate(module.names):
-        best[1 << j] = (float(-module.expert_log_prob(name, z, *module.expert_posterior(name, blocks[name])).mean()), 1 << j)
+        best[1 << j] = (
+            float(-module.expert_log_prob(name, z, *module.expert_posterior(name, blocks[name])).mean()),
+            1 << j,
+        )
     for bits in sorted(range(1, 2**n_modalities - 1), key=lambda b: bin(b).count("1")):
         members = [j for j in range(n_modalities) if bits >> j & 1]
         if len(members) < 2:

@@ -66,8 +66,9 @@ class StageModule(nn.Module):
     (the joint VAE); stage 2 has one per expert and one for the subset posterior.
     """
 
-    def __init__(self, jnf: nn.Module, part_losses: Callable, parts: list[list[nn.Module]], generator, label: str,
-                 noise_dim: int):
+    def __init__(
+        self, jnf: nn.Module, part_losses: Callable, parts: list[list[nn.Module]], generator, label: str, noise_dim: int
+    ):
         super().__init__()
         self.jnf = jnf
         self.part_losses, self.generator, self.label, self.noise_dim = part_losses, generator, label, noise_dim
@@ -162,7 +163,11 @@ class BestEpoch(Callback):
         losses = self._part_losses(net)
         net.history.record("part_losses", losses)
         if self.best_losses_ is None:
-            self.best_losses_, self.best_epochs_, self.states_ = [math.inf] * len(losses), [0] * len(losses), [None] * len(losses)
+            self.best_losses_, self.best_epochs_, self.states_ = (
+                [math.inf] * len(losses),
+                [0] * len(losses),
+                [None] * len(losses),
+            )
         improved = False
         for i, loss in enumerate(losses):
             if loss < self.best_losses_[i]:
@@ -263,7 +268,11 @@ def train_stage(
             "epoch": int(row["epoch"]),
             "train_loss": float(row["train_loss"]),
             "valid_loss": None if row.get("valid_loss") is None else float(row["valid_loss"]),
-            **({"part_losses": [float(v) for v in row["part_losses"]]} if stage.n_parts > 1 and valid is not None else {}),
+            **(
+                {"part_losses": [float(v) for v in row["part_losses"]]}
+                if stage.n_parts > 1 and valid is not None
+                else {}
+            ),
         }
         for row in net.history
     ]
@@ -274,4 +283,3 @@ def train_stage(
         "part_best_epochs": list(best.best_epochs_ or []),
         "part_best_losses": [float(v) for v in best.best_losses_ or []],
     }
-

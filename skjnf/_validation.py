@@ -85,9 +85,7 @@ def resolve_layout(modalities, n_features: int, feature_names) -> tuple[tuple[st
                 f"column names; got {_describe(spec)}."
             )
         if len(idx) and (idx.min() < 0 or idx.max() >= n_features):
-            raise ValueError(
-                f"Modality {name!r} refers to columns {idx.tolist()}, but X has {n_features} features."
-            )
+            raise ValueError(f"Modality {name!r} refers to columns {idx.tolist()}, but X has {n_features} features.")
         names.append(name)
         columns.append(idx)
     used = np.concatenate(columns)
@@ -119,7 +117,9 @@ def modalities_from_prefix(columns) -> dict[str, list[str]]:
     for column in columns:
         prefix, sep, _ = str(column).partition("__")
         if not sep:
-            raise ValueError(f"Column {column!r} has no 'modality__' prefix; modalities='prefix' needs one on every column.")
+            raise ValueError(
+                f"Column {column!r} has no 'modality__' prefix; modalities='prefix' needs one on every column."
+            )
         groups.setdefault(prefix, []).append(column)
     return groups
 
@@ -132,8 +132,7 @@ def _columns_from_list(name: str, spec: list, feature_names) -> np.ndarray:
     if all(isinstance(c, str) for c in spec):
         if feature_names is None:
             raise ValueError(
-                f"Modality {name!r} is given by column names, which needs a pandas DataFrame with "
-                "string column names."
+                f"Modality {name!r} is given by column names, which needs a pandas DataFrame with string column names."
             )
         position = {c: i for i, c in enumerate(feature_names)}
         unknown = [c for c in spec if c not in position]
@@ -146,8 +145,12 @@ def _columns_from_list(name: str, spec: list, feature_names) -> np.ndarray:
 def _check_block(name: str, block, estimator_name: str, dtype=_FLOAT_DTYPES) -> np.ndarray:
     try:
         return check_array(
-            block, dtype=dtype, ensure_all_finite="allow-nan", ensure_min_samples=1,
-            input_name=name, estimator=estimator_name,
+            block,
+            dtype=dtype,
+            ensure_all_finite="allow-nan",
+            ensure_min_samples=1,
+            input_name=name,
+            estimator=estimator_name,
         )
     except ValueError as error:
         raise ValueError(f"Modality {name!r}: {error}") from error
@@ -244,8 +247,7 @@ def _validate_mapping(estimator, X: Mapping, *, fit: bool):
         unknown = [k for k in X if k not in layout.names]
         if unknown:
             raise ValueError(
-                f"Unknown modality {unknown[0]!r} in X; this {name} was fitted with modalities "
-                f"{list(layout.names)}."
+                f"Unknown modality {unknown[0]!r} in X; this {name} was fitted with modalities {list(layout.names)}."
             )
         names = layout.names
     arrays, n_rows, shapes = {}, {}, {}

@@ -21,9 +21,18 @@ def small_jnf(**params):
     from skjnf import JNFEstimator
 
     defaults = dict(
-        latent_dim=2, hidden_sizes=(16,), flow_hidden_sizes=(16,), n_flow_blocks=1,
-        joint_epochs=10, flow_epochs=10, batch_size=32, n_posterior_samples=8,
-        n_mcmc_steps=10, n_leapfrog=3, n_importance_samples=16, random_state=0,
+        latent_dim=2,
+        hidden_sizes=(16,),
+        flow_hidden_sizes=(16,),
+        n_flow_blocks=1,
+        joint_epochs=10,
+        flow_epochs=10,
+        batch_size=32,
+        n_posterior_samples=8,
+        n_mcmc_steps=10,
+        n_leapfrog=3,
+        n_importance_samples=16,
+        random_state=0,
     )
     defaults.update(params)
     return JNFEstimator(**defaults)

@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
-from conftest import small_jnf
 from scipy.special import logsumexp
 from scipy.stats import nbinom, norm, poisson
+
+from conftest import small_jnf
 
 N_TRAIN, N_TEST = 400, 200
 
@@ -44,11 +45,21 @@ def test_counts_reach_the_generating_model_likelihood(family):
         return lp + norm.logpdf(test["y"][:, None, :], nodes[None, :, None] * v, 0.3).sum(-1)
 
     truth = _exact_log_likelihood(log_p_given_z).mean()
-    jnf = small_jnf(latent_dim=1, decoder={"counts": family}, hidden_sizes=(32,), lr=1e-2, batch_size=64,
-                    joint_epochs=60, flow_epochs=1, n_importance_samples=200).fit(train)
+    jnf = small_jnf(
+        latent_dim=1,
+        decoder={"counts": family},
+        hidden_sizes=(32,),
+        lr=1e-2,
+        batch_size=64,
+        joint_epochs=60,
+        flow_epochs=1,
+        n_importance_samples=200,
+    ).fit(train)
     ours = jnf.score(test)
-    independent = poisson.logpmf(test["counts"], train["counts"].mean(0)).sum(1).mean() + norm.logpdf(
-        test["y"], train["y"].mean(0), train["y"].std(0)).sum(1).mean()
+    independent = (
+        poisson.logpmf(test["counts"], train["counts"].mean(0)).sum(1).mean()
+        + norm.logpdf(test["y"], train["y"].mean(0), train["y"].std(0)).sum(1).mean()
+    )
     assert truth - 1.0 < ours < truth + 0.5, (ours, truth)
     assert ours > independent + 3.0  # far better than ignoring the shared latent
 
@@ -61,8 +72,15 @@ def test_categorical_modality_is_predicted_from_the_others(layout):
     block = np.eye(3)[category] if layout == "one_hot" else category[:, None].astype(float)
     X = {"cat": block, "y": y}
     train = {m: x[:N_TRAIN] for m, x in X.items()}
-    jnf = small_jnf(latent_dim=1, decoder={"cat": "categorical"}, hidden_sizes=(32,), lr=1e-2, batch_size=64,
-                    joint_epochs=60, flow_epochs=20).fit(train)
+    jnf = small_jnf(
+        latent_dim=1,
+        decoder={"cat": "categorical"},
+        hidden_sizes=(32,),
+        lr=1e-2,
+        batch_size=64,
+        joint_epochs=60,
+        flow_epochs=20,
+    ).fit(train)
     test_y = {"y": y[N_TRAIN:]}
     predicted = jnf.predict(test_y)["cat"]
     truth = category[N_TRAIN:]

@@ -5,12 +5,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import small_jnf
 from sklearn.base import clone
 from sklearn.datasets import load_digits
 from sklearn.model_selection import GridSearchCV
 from torch import nn
 
+from conftest import small_jnf
 from skjnf import SliceDict
 from skjnf._flows import RealNVP
 
@@ -19,7 +19,9 @@ class ConvEncoder(nn.Module):
     def __init__(self, in_shape, latent_dim, channels=8):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_shape[0], channels, 3, padding=1), nn.ReLU(), nn.Flatten(),
+            nn.Conv2d(in_shape[0], channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
             nn.Linear(channels * in_shape[1] * in_shape[2], 2 * latent_dim),
         )
 
@@ -89,7 +91,9 @@ def test_conv_networks_on_images_beat_the_mean_image():
     generated = jnf.sample(3, X={"summary": X["summary"][:5]})
     assert generated["image"].shape == (3, 5, 1, 8, 8)
     assert jnf.sample(2)["image"].shape == (2, 1, 8, 8)
-    with pytest.raises(ValueError, match=r"Modality 'image' has rows of shape \(64,\), but JNFEstimator is expecting \(1, 8, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"Modality 'image' has rows of shape \(64,\), but JNFEstimator is expecting \(1, 8, 8\)"
+    ):
         jnf.transform({"image": X["image"].reshape(300, 64)})
 
 
@@ -104,7 +108,9 @@ def test_custom_parts_survive_clone_pickle_and_grid_search():
     assert isinstance(jnf.module_.flows[1], RealNVP)
     loaded = pickle.loads(pickle.dumps(jnf))
     np.testing.assert_array_equal(loaded.transform(X), jnf.transform(X))
-    np.testing.assert_array_equal(loaded.predict({"summary": X["summary"]})["image"], jnf.predict({"summary": X["summary"]})["image"])
+    np.testing.assert_array_equal(
+        loaded.predict({"summary": X["summary"]})["image"], jnf.predict({"summary": X["summary"]})["image"]
+    )
     small = {"image": {"encoder": (ConvEncoder, {"channels": 2})}}
     search = GridSearchCV(jnf, {"networks": [CONV, small]}, cv=2).fit(SliceDict(**X))
     assert search.best_params_["networks"] in (CONV, small)
@@ -113,9 +119,15 @@ def test_custom_parts_survive_clone_pickle_and_grid_search():
 @pytest.mark.parametrize(
     "params, match",
     [
-        ({"networks": {"image": {"decoder": WrongDecoder}}}, r"Modality 'image': the decoder must return natural parameters with 64 values"),
+        (
+            {"networks": {"image": {"decoder": WrongDecoder}}},
+            r"Modality 'image': the decoder must return natural parameters with 64 values",
+        ),
         ({"flow": {"summary": NoInverseFlow}}, r"Modality 'summary': the flow has no inverse"),
-        ({"networks": {"image": {"encoder": ConvTrunk}}}, r"Modality 'image': the encoder: its factory failed when called with \['in_shape', 'latent_dim'\]"),
+        (
+            {"networks": {"image": {"encoder": ConvTrunk}}},
+            r"Modality 'image': the encoder: its factory failed when called with \['in_shape', 'latent_dim'\]",
+        ),
         ({"networks": {"photo": {"encoder": ConvEncoder}}}, r"networks names unknown modality 'photo'"),
         ({"networks": {"image": {"head": ConvEncoder}}}, r"unknown part 'head'"),
         ({"networks": {"image": {"encoder": "conv"}}}, r"must be a callable"),

@@ -7,13 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_views, small_jnf
 from sklearn.base import clone
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
 
+from conftest import make_views, small_jnf
 from skjnf import SliceDict
 
 
@@ -139,7 +139,9 @@ def test_persistence_round_trip(fitted, views, tmp_path, dump):
     for method in ("transform", "score_samples"):
         np.testing.assert_array_equal(getattr(loaded, method)(X), getattr(fitted, method)(X))
     np.testing.assert_array_equal(loaded.transform(X, cond_mod="b"), fitted.transform(X, cond_mod="b"))
-    np.testing.assert_array_equal(loaded.predict(X, cond_mod=["a", "c"])["b"], fitted.predict(X, cond_mod=["a", "c"])["b"])
+    np.testing.assert_array_equal(
+        loaded.predict(X, cond_mod=["a", "c"])["b"], fitted.predict(X, cond_mod=["a", "c"])["b"]
+    )
 
 
 def test_skops_round_trip_trusts_only_our_type(fitted, views, tmp_path):
@@ -223,7 +225,9 @@ def test_column_transformer_output_split_by_prefix(views):
     frame = _as_frame(X)
     columns = {m: [c for c in frame.columns if c.startswith(m + "_")] for m in X}
     scale = ColumnTransformer([(m, StandardScaler(), cols) for m, cols in columns.items()])
-    pipe = make_pipeline(scale.set_output(transform="pandas"), small_jnf(modalities="prefix", joint_epochs=20, flow_epochs=1))
+    pipe = make_pipeline(
+        scale.set_output(transform="pandas"), small_jnf(modalities="prefix", joint_epochs=20, flow_epochs=1)
+    )
     pipe.fit(frame)
     jnf = pipe[-1]
     assert jnf.modality_names_ == ["a", "b", "c"] and jnf.modality_dims_ == {"a": 6, "b": 4, "c": 3}

@@ -52,8 +52,12 @@ def example_runs(tmp_path_factory):
             shutil.copy(EXAMPLES / script, folder)
             shutil.copy(EXAMPLES / "_digits.py", folder)  # the examples' shared data helper
             process = subprocess.Popen(
-                [sys.executable, script], cwd=folder, env=env, text=True,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                [sys.executable, script],
+                cwd=folder,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
             )
             running[script] = (folder, process)
         runs = {}

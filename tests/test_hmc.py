@@ -1,6 +1,6 @@
 """HMC on the product of experts: closed-form posteriors, adaptation, NaN safety (§7 items 4-6)."""
 
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -47,7 +47,7 @@ def exact_posterior(means, variances, prior_exponent=None):
     return (means / variances).sum(0) / precision, precision
 
 
-@lru_cache(maxsize=None)
+@cache
 def closed_form_case(n_experts: int):
     """Means and variances (s, 3 rows, D=3) with σ² in [0.3, 0.8].
 
@@ -62,7 +62,7 @@ def closed_form_case(n_experts: int):
     return means, variances
 
 
-@lru_cache(maxsize=None)
+@cache
 def closed_form_run(n_experts: int, step_size):
     means, variances = closed_form_case(n_experts)
     return hmc_sample(
@@ -126,8 +126,14 @@ def test_mass_adaptation_and_chunking_on_anisotropic_posterior():
     means = torch.randn(2, 2, 3, generator=generator)
     mean, precision = exact_posterior(means, variances)
     result = hmc_sample(
-        gaussian_experts(means, variances), N_CHAINS, 100, 5, "auto", generator,
-        adapt_mass=True, max_chain_rows=N_CHAINS,
+        gaussian_experts(means, variances),
+        N_CHAINS,
+        100,
+        5,
+        "auto",
+        generator,
+        adapt_mass=True,
+        max_chain_rows=N_CHAINS,
     )
     assert_matches_gaussian(result, mean, precision, N_CHAINS)
     assert 0.6 < result.acceptance < 0.97

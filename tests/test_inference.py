@@ -6,12 +6,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import small_jnf
 from sklearn.base import clone
 
+import skjnf._inference as inference
+from conftest import small_jnf
 from skjnf._flows import _randomize_
 from skjnf._hmc import hmc_sample
-import skjnf._inference as inference
 from skjnf._inference import frozen_inference
 
 
@@ -75,8 +75,10 @@ def test_more_modalities_never_widen_the_posterior(fitted, views):
         widths.append(draws.var(axis=0).sum(axis=1).mean())
     module = fitted.module_
     with frozen_inference(module):  # all three experts: the API would use the joint encoder instead
-        experts = [(*module.expert_posterior(m, torch.tensor(X[m], dtype=torch.float32)), module.flows[j])
-                   for j, m in enumerate("abc")]
+        experts = [
+            (*module.expert_posterior(m, torch.tensor(X[m], dtype=torch.float32)), module.flows[j])
+            for j, m in enumerate("abc")
+        ]
         draws = hmc_sample(experts, 64, 20, 5, "auto", torch.Generator().manual_seed(0)).draws
     widths.append(draws.var(dim=0).sum(dim=1).mean().item())
     assert widths[0] >= widths[1] >= widths[2], widths

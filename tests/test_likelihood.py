@@ -21,8 +21,15 @@ def _model(**params):
     z = rng.normal(size=(200, 2))
     data = z @ W.T + b + SCALE * rng.normal(size=(200, 5))
     X = {"a": data[:, :3], "b": data[:, 3:]}
-    defaults = dict(latent_dim=2, hidden_sizes=(), n_flow_blocks=0, decoder_scale=SCALE, joint_epochs=1,
-                    flow_epochs=1, random_state=0)
+    defaults = dict(
+        latent_dim=2,
+        hidden_sizes=(),
+        n_flow_blocks=0,
+        decoder_scale=SCALE,
+        joint_epochs=1,
+        flow_epochs=1,
+        random_state=0,
+    )
     jnf = JNFEstimator(**{**defaults, **params}).fit(X)
     G = np.linalg.inv(np.eye(2) + W.T @ W / SCALE**2)
     return jnf, X, data, W, b, G

@@ -7,8 +7,14 @@ from skjnf import JNFEstimator
 
 def _small():
     return JNFEstimator(
-        latent_dim=2, hidden_sizes=(8,), flow_hidden_sizes=(8,), n_flow_blocks=1,
-        joint_epochs=2, flow_epochs=2, n_importance_samples=8, random_state=0,
+        latent_dim=2,
+        hidden_sizes=(8,),
+        flow_hidden_sizes=(8,),
+        n_flow_blocks=1,
+        joint_epochs=2,
+        flow_epochs=2,
+        n_importance_samples=8,
+        random_state=0,
     )
 
 

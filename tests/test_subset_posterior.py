@@ -6,15 +6,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import small_jnf
 
 import skjnf._training as training
+from conftest import small_jnf
 from skjnf._distributions import std_normal_log_prob
 from skjnf._flows import IdentityFlow
 from skjnf._hmc import product_of_experts_log_prob
 from skjnf._inference import _supported_mean, support_radius
-from skjnf._modules import JNFModule
 from skjnf._likelihoods import make_likelihood
+from skjnf._modules import JNFModule
 
 
 def _module(latent_dim=3, n_modalities=3) -> JNFModule:

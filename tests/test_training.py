@@ -5,21 +5,34 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import small_jnf
-from skorch.callbacks import regularization
 from sklearn.exceptions import NotFittedError
+from skorch.callbacks import regularization
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import skjnf._estimator as estimator_module
 import skjnf._training as training
+from conftest import small_jnf
 from skjnf._distributions import gaussian_log_prob
 from skjnf._likelihoods import Bernoulli, Laplace, Normal
-from skjnf._modules import JOINT_LOG_VAR, JOINT_MEAN, SUBSET_DRAWS, JNFModule, random_subset_masks, stage1_loss, stage2_loss, stage2_terms
+from skjnf._modules import (
+    JOINT_LOG_VAR,
+    JOINT_MEAN,
+    SUBSET_DRAWS,
+    JNFModule,
+    random_subset_masks,
+    stage1_loss,
+    stage2_loss,
+    stage2_terms,
+)
 
 
 def _tiny_module(seed=0):
     torch.manual_seed(seed)
-    likelihoods = [Normal(torch.full((3,), 0.7), learn=False), Laplace(torch.full((2,), 0.4), learn=False), Bernoulli(4)]
+    likelihoods = [
+        Normal(torch.full((3,), 0.7), learn=False),
+        Laplace(torch.full((2,), 0.4), learn=False),
+        Bernoulli(4),
+    ]
     module = JNFModule(["a", "b", "c"], [(3,), (2,), (4,)], likelihoods, 2, (5,), ["maf"] * 3, 1, (6,))
     for flow in module.flows:  # non-trivial flows
         for p in flow.parameters():
@@ -30,9 +43,11 @@ def _tiny_module(seed=0):
 def test_stage_losses_match_the_formulas_by_hand():
     module = _tiny_module()
     g = torch.Generator().manual_seed(1)
-    blocks = {"a": torch.randn(7, 3, generator=g, dtype=torch.float64),
-              "b": torch.randn(7, 2, generator=g, dtype=torch.float64),
-              "c": torch.randint(0, 2, (7, 4), generator=g).double()}
+    blocks = {
+        "a": torch.randn(7, 3, generator=g, dtype=torch.float64),
+        "b": torch.randn(7, 2, generator=g, dtype=torch.float64),
+        "c": torch.randint(0, 2, (7, 4), generator=g).double(),
+    }
     noise = torch.randn(7, 2, generator=g, dtype=torch.float64)
     rescale, beta = [2.0, 1.0, 0.5], 0.3
     mean, log_var = module.joint_encoder([blocks["a"], blocks["b"], blocks["c"]])
@@ -143,9 +158,11 @@ def test_best_epoch_is_restored(views, monkeypatch):
             jnf.module_.eval()
             recomputed = stage.mean_part_losses(dict(valid), 64)
         epochs = jnf.history_[key]["epochs"]
-        parts = [[row["part_losses"][i] for row in epochs] for i in range(len(recomputed))] if key == "flows" else [
-            [row["valid_loss"] for row in epochs]
-        ]
+        parts = (
+            [[row["part_losses"][i] for row in epochs] for i in range(len(recomputed))]
+            if key == "flows"
+            else [[row["valid_loss"] for row in epochs]]
+        )
         for value, losses in zip(recomputed, parts):  # each part's restored weights give its minimum
             assert value == pytest.approx(min(losses), rel=1e-5, abs=1e-5)
         best = jnf.history_[key]["best_epoch"]
@@ -163,9 +180,13 @@ def test_same_seed_is_bit_identical_and_global_rng_untouched(views):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert not all(torch.equal(states[0][k], other.module_.state_dict()[k]) for k in states[0])
     calls = [
-        lambda f: f.transform(X), lambda f: f.transform(X, cond_mod="a"),
-        lambda f: f.transform(X, cond_mod=["a", "b"]), lambda f: f.sample_latent(X, 2, cond_mod=["b", "c"]),
-        lambda f: f.predict({"a": X["a"]})["c"], lambda f: f.score_samples(X), lambda f: f.sample(3)["b"],
+        lambda f: f.transform(X),
+        lambda f: f.transform(X, cond_mod="a"),
+        lambda f: f.transform(X, cond_mod=["a", "b"]),
+        lambda f: f.sample_latent(X, 2, cond_mod=["b", "c"]),
+        lambda f: f.predict({"a": X["a"]})["c"],
+        lambda f: f.score_samples(X),
+        lambda f: f.sample(3)["b"],
     ]
     for call in calls:
         np.testing.assert_array_equal(call(fits[0]), call(fits[1]))
@@ -227,7 +248,9 @@ def test_gradients_are_clipped_before_the_step(views, monkeypatch):
 
     def step_hook(optimizer, args, kwargs):  # after step(closure): the gradients the step used
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        at_step.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))))
+        at_step.append(
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])))
+        )
 
     monkeypatch.setattr(regularization, "clip_grad_norm_", record)
     handle = register_optimizer_step_post_hook(step_hook)
