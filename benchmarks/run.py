@@ -178,7 +178,7 @@ def run_ours(ds: Dataset, args, stage_timer: StageTimer) -> tuple[dict, dict]:
     for r in range(args.repeats):
         est = make_ours(args, random_state=args.seed + r)
         start_stage = len(stage_timer.times)
-        t, _ = timed(lambda: est.fit(ds.train), 1)
+        t, _ = timed(lambda est=est: est.fit(ds.train), 1)
         fits.append(t)
         stage_times.append(stage_timer.times[start_stage:])
         repeat_quality.append(cheap_quality(est, ds, args))
@@ -201,7 +201,7 @@ def run_ours(ds: Dataset, args, stage_timer: StageTimer) -> tuple[dict, dict]:
     est.transform(warm, cond_mod=names[0])
     ones = []
     for m in names:
-        t, _ = timed(lambda: est.transform(test, cond_mod=m), args.repeats)
+        t, _ = timed(lambda m=m: est.transform(test, cond_mod=m), args.repeats)
         ones.append(t)
         preds[m] = est.predict(test, cond_mod=m)
     out["latent_one"] = {k: statistics.median([t[k] for t in ones]) for k in ("wall", "cpu")}
@@ -211,7 +211,7 @@ def run_ours(ds: Dataset, args, stage_timer: StageTimer) -> tuple[dict, dict]:
         est.transform(warm, cond_mod=subsets[0])
         subs, acc = [], []
         for s in subsets:
-            t, z = timed(lambda: est.transform(test, cond_mod=s), 1)
+            t, z = timed(lambda s=s: est.transform(test, cond_mod=s), 1)
             subs.append(t)
             acc.append(est.hmc_acceptance_)
             preds[key(s)] = decode_mean(est, z)  # = est.predict(test, cond_mod=s), without a second HMC run
@@ -550,7 +550,8 @@ def timing_table(name: str, o: dict, p: dict | None, args) -> list[str]:
     if peer_floor and p.get("nll_s"):
         note += f"; reference / its floor = {fmt(p['nll_s'] / peer_floor)}"
     lines.append(
-        f"| decoder floor: K·n passes through each implementation's own decoders | {fmt(floor)} | {fmt(peer_floor)} | {note} | |"
+        "| decoder floor: K·n passes through each implementation's own decoders | "
+        f"{fmt(floor)} | {fmt(peer_floor)} | {note} | |"
     )
     if p.get("n_parameters"):
         lines.append(f"| parameters (count) | {o['n_parameters']:,} | {p['n_parameters']:,} | | |")
@@ -713,7 +714,8 @@ def skjnf_version() -> dict:
 
 def machine() -> str:
     try:
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor() or "unknown CPU"
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -892,8 +894,9 @@ def render(args, results, scaling, cmd, machine_text, minutes, gflops, version=N
         f"Torch threads: {args.threads} in both processes. Total run time: {minutes:.1f} min.",
         f"Matmul throughput (128×512 @ 512×512, float32) measured by the run — {gflops}.",
         "",
-        f"Setting: latent {args.latent_dim}, batch {args.batch_size}, lr {args.lr}, {args.joint_epochs}+{args.flow_epochs} "
-        f"epochs, validation fraction {args.validation_fraction}. skjnf: hidden_sizes=(512, 512), MAF 2 × (128, 128, 128), "
+        f"Setting: latent {args.latent_dim}, batch {args.batch_size}, lr {args.lr}, "
+        f"{args.joint_epochs}+{args.flow_epochs} epochs, validation fraction {args.validation_fraction}. "
+        "skjnf: hidden_sizes=(512, 512), MAF 2 × (128, 128, 128), "
         "decoder_scale='auto' (its default), its default HMC; "
         + (
             "**matched architecture**: per-modality trunks d→512→512→latent (the reference's joint-encoder branches) "
@@ -907,7 +910,8 @@ def render(args, results, scaling, cmd, machine_text, minutes, gflops, version=N
             "**equal to skjnf's 'auto' scale** of each modality (so both optimise the same objective; its default "
             "1.0 collapses the latent on [0, 1] data), "
             if getattr(args, "reference_scale", "0.1") == "auto"
-            else f"**{args.reference_scale}** for every modality (its default 1.0 collapses the latent on [0, 1] data), "
+            else f"**{args.reference_scale}** for every modality "
+            "(its default 1.0 collapses the latent on [0, 1] data), "
         )
         + (
             "default HMC (100 steps × 10 leapfrog, ε = 0.01)."

@@ -62,9 +62,13 @@ def main():
     search = GridSearchCV(jnf, {"latent_dim": latent_dims}, cv=3, n_jobs=-1, refit=False)
 
     # On a real cluster, connect to its scheduler instead: `with Client("tcp://scheduler:8786"):`
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster, Client(cluster):
-        with joblib.parallel_backend("dask"), get_task_stream() as tasks:
-            search.fit(X)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster,
+        Client(cluster),
+        joblib.parallel_backend("dask"),
+        get_task_stream() as tasks,
+    ):
+        search.fit(X)
     results = search.cv_results_
     workers = {task["worker"] for task in tasks.data}
     n_fits = len(results["params"]) * search.n_splits_

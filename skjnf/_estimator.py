@@ -927,15 +927,15 @@ def _check_contracts(module: JNFModule, sample: dict) -> None:
             x = module.encoder_input(j, sample[name])
             n = x.shape[0]
             _expect(
-                lambda: module.joint_encoder.trunks[j](x),
-                lambda h: h.dim() == 2 and h.shape[0] == n,
+                lambda j=j, x=x: module.joint_encoder.trunks[j](x),
+                lambda h, n=n: h.dim() == 2 and h.shape[0] == n,
                 name,
                 "trunk",
                 f"features of shape ({n}, width)",
             )
             _expect(
-                lambda: module.encoders[j](x),
-                lambda out: len(out) == 2 and all(t.shape == (n, D) for t in out),
+                lambda j=j, x=x: module.encoders[j](x),
+                lambda out, n=n: len(out) == 2 and all(t.shape == (n, D) for t in out),
                 name,
                 "encoder",
                 f"(mean, log_variance), each of shape ({n}, {D})",
@@ -943,8 +943,8 @@ def _check_contracts(module: JNFModule, sample: dict) -> None:
             n_outputs = module.likelihoods[j].n_outputs
             for z in (torch.zeros(n, D), torch.zeros(3, n, D)):
                 _expect(
-                    lambda: module.natural_parameters(j, z),
-                    lambda a: a.shape == (*z.shape[:-1], n_outputs),
+                    lambda j=j, z=z: module.natural_parameters(j, z),
+                    lambda a, z=z, k=n_outputs: a.shape == (*z.shape[:-1], k),
                     name,
                     "decoder",
                     f"natural parameters with {n_outputs} values per row, for z of shape {tuple(z.shape)}",

@@ -38,10 +38,7 @@ def test_counts_reach_the_generating_model_likelihood(family):
     def log_p_given_z(nodes):
         rates = np.exp(nodes[None, :, None] * w + b)  # (1, q, 4)
         c = test["counts"][:, None, :]
-        if family == "poisson":
-            lp = poisson.logpmf(c, rates).sum(-1)
-        else:
-            lp = nbinom.logpmf(c, r, r / (r + rates)).sum(-1)
+        lp = poisson.logpmf(c, rates).sum(-1) if family == "poisson" else nbinom.logpmf(c, r, r / (r + rates)).sum(-1)
         return lp + norm.logpdf(test["y"][:, None, :], nodes[None, :, None] * v, 0.3).sum(-1)
 
     truth = _exact_log_likelihood(log_p_given_z).mean()
