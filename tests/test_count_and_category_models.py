@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
+from _helpers import small_jnf
 from scipy.special import logsumexp
 from scipy.stats import nbinom, norm, poisson
-
-from conftest import small_jnf
 
 N_TRAIN, N_TEST = 400, 200
 

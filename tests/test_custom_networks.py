@@ -5,12 +5,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from _helpers import small_jnf
 from sklearn.base import clone
 from sklearn.datasets import load_digits
 from sklearn.model_selection import GridSearchCV
 from torch import nn
 
-from conftest import small_jnf
 from skjnf import SliceDict
 from skjnf._flows import RealNVP
 

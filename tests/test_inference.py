@@ -6,10 +6,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _helpers import small_jnf
 from sklearn.base import clone
 
 import skjnf._inference as inference
-from conftest import small_jnf
 from skjnf._flows import _randomize_
 from skjnf._hmc import hmc_sample
 from skjnf._inference import frozen_inference

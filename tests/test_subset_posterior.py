@@ -6,9 +6,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _helpers import small_jnf
 
 import skjnf._training as training
-from conftest import small_jnf
 from skjnf._distributions import std_normal_log_prob
 from skjnf._flows import IdentityFlow
 from skjnf._hmc import product_of_experts_log_prob

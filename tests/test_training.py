@@ -5,13 +5,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from _helpers import small_jnf
 from sklearn.exceptions import NotFittedError
 from skorch.callbacks import regularization
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import skjnf._estimator as estimator_module
 import skjnf._training as training
-from conftest import small_jnf
 from skjnf._distributions import gaussian_log_prob
 from skjnf._likelihoods import Bernoulli, Laplace, Normal
 from skjnf._modules import (

@@ -5,8 +5,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-
-from conftest import small_jnf
+from _helpers import small_jnf
 
 QUICK = dict(joint_epochs=2, flow_epochs=2)
 

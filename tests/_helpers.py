@@ -1,0 +1,37 @@
+"""Test data and small estimators shared by the test modules (imported as ``_helpers``)."""
+
+import numpy as np
+
+
+def make_views(n=240, latent_dim=2, seed=0, n_classes=3, noise=0.1):
+    """Three linear-Gaussian views of a clustered latent; returns (X dict, labels, latent)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(n_classes, size=n)
+    centers = 2.0 * rng.normal(size=(n_classes, latent_dim))
+    z = centers[labels] + 0.5 * rng.normal(size=(n, latent_dim))
+    widths = {"a": 6, "b": 4, "c": 3}
+    maps = {m: rng.normal(size=(latent_dim, d)) for m, d in widths.items()}
+    X = {m: z @ W + noise * rng.normal(size=(n, W.shape[1])) for m, W in maps.items()}
+    return X, labels, z
+
+
+def small_jnf(**params):
+    """A JNFEstimator small enough for unit tests."""
+    from skjnf import JNFEstimator
+
+    defaults = dict(
+        latent_dim=2,
+        hidden_sizes=(16,),
+        flow_hidden_sizes=(16,),
+        n_flow_blocks=1,
+        joint_epochs=10,
+        flow_epochs=10,
+        batch_size=32,
+        n_posterior_samples=8,
+        n_mcmc_steps=10,
+        n_leapfrog=3,
+        n_importance_samples=16,
+        random_state=0,
+    )
+    defaults.update(params)
+    return JNFEstimator(**defaults)
