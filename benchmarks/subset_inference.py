@@ -59,9 +59,9 @@ def ridge_mse(table, cond, target) -> float:
 
 
 def evaluate(estimator, table, method: str) -> dict:
-    """MSE of every (conditioning set, target), with HMC diagnostics and the total prediction time."""
+    """MSE of every (conditioning set, target), HMC escape warnings and the total prediction time."""
     estimator.set_params(subset_posterior=method)
-    names, results, escaped, acceptance, seconds = table.names, {}, 0, [], 0.0
+    names, results, escaped, seconds = table.names, {}, 0, 0.0
     for cond in conditioning_sets(names):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -69,12 +69,10 @@ def evaluate(estimator, table, method: str) -> dict:
             pred = estimator.predict(table.test, cond_mod=cond)
             seconds += time.perf_counter() - start
         escaped += sum("far from the origin" in str(w.message) for w in caught)
-        if len(cond) > 1 and estimator.hmc_acceptance_ is not None and method != "amortized":
-            acceptance.append(estimator.hmc_acceptance_)
         for target in names:
             if target not in cond:
                 results["+".join(cond) + ">" + target] = mse(pred[target], table.test[target])
-    return {"mse": results, "escape_warnings": escaped, "acceptance": acceptance, "seconds": seconds}
+    return {"mse": results, "escape_warnings": escaped, "seconds": seconds}
 
 
 def monotonicity(mse_of: dict, names) -> tuple[list[str], float]:

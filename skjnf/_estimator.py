@@ -241,10 +241,6 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         its epoch rows carry ``"part_losses"`` (one per part, in that order).
     n_rows_dropped_ : int
         Rows left out of training because a modality was missing.
-    hmc_acceptance_ : float or None
-        Acceptance rate of the last call that ran HMC (only the HMC ``subset_posterior`` options do).
-    hmc_step_size_ : float or None
-        Mean adapted step size of the last call that ran HMC.
 
     See Also
     --------
@@ -413,8 +409,6 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             del self.feature_names_in_
         self.n_rows_dropped_ = n_dropped
         self.history_ = history
-        self.hmc_acceptance_ = None
-        self.hmc_step_size_ = None
         self.module_ = module
         return self
 
@@ -597,8 +591,12 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         n_chains = math.ceil(self.n_posterior_samples / kept)
         return HMCSettings(n_chains, self.n_mcmc_steps, self.n_leapfrog, self.step_size)
 
-    def _posterior(self, X, cond_mod, n_draws, random_state):
-        """Latents for every row, conditioned per observed pattern: (n, D) or (n_draws, n, D)."""
+    def _posterior(self, X, cond_mod, n_draws, random_state, stats: HMCStats | None = None):
+        """Latents for every row, conditioned per observed pattern: (n, D) or (n_draws, n, D).
+
+        HMC diagnostics accumulate in ``stats`` (a fresh one if None); nothing is written on the
+        estimator, so inference leaves it unchanged and is safe from several threads.
+        """
         check_is_fitted(self)
         _, data, _ = validate_X(self, X, fit=False)
         conditioning = data.observed & self._conditioning(cond_mod)[None, :]
@@ -610,7 +608,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             )
         seed, D = self._call_seed(random_state), self.latent_dim
         shape = (data.n_samples, D) if n_draws is None else (n_draws, data.n_samples, D)
-        out, stats = np.empty(shape, dtype=np.float32), HMCStats()
+        out, stats = np.empty(shape, dtype=np.float32), HMCStats() if stats is None else stats
         with frozen_inference(self.module_):
             for pattern, rows in pattern_groups(conditioning):
                 cond = [m for m, on in zip(self.modality_names_, pattern) if on]
@@ -629,28 +627,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
                     subset_posterior=self.subset_posterior,
                 )
                 out[..., rows, :] = z.cpu().numpy()
-        self._record_hmc(stats)
+        _warn_about_hmc(stats)
         return data, out
-
-    def _record_hmc(self, stats: HMCStats) -> None:
-        if not stats.n_rows:
-            return
-        self.hmc_acceptance_, self.hmc_step_size_ = stats.acceptance, stats.step_size
-        self._hmc_divergences = stats.n_divergent
-        if abs(stats.acceptance - 0.75) > 0.15:
-            warnings.warn(
-                f"HMC acceptance {stats.acceptance:.2f} is far from its 0.75 target; consider a larger "
-                "n_mcmc_steps (longer adaptation) or step_size='auto'.",
-                UserWarning,
-                stacklevel=4,
-            )
-        if stats.escaped_rows:
-            warnings.warn(
-                f"HMC chains of row(s) {stats.escaped_rows[:10]} ended far from the origin (|z| > 10): "
-                "the product of experts may be improper for these rows.",
-                UserWarning,
-                stacklevel=4,
-            )
 
     def transform(self, X, cond_mod=None):
         """Latent representation of each row, given its observed conditioning modalities.
@@ -672,16 +650,32 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         z = z if n_draws is None else z[0]
         return z.astype(data.dtype, copy=False)
 
-    def sample_latent(self, X, n_samples=1, cond_mod=None, random_state=None):
+    def sample_latent(self, X, n_samples=1, cond_mod=None, random_state=None, return_diagnostics=False):
         """Posterior draws of the latent for each row.
+
+        Parameters
+        ----------
+        X : dict of array-like, or array-like of shape (n_rows, n_features)
+        n_samples : int, default=1
+            Draws per row.
+        cond_mod : str, list of str or None, default=None
+        random_state : int, RandomState instance or None, default=None
+        return_diagnostics : bool, default=False
+            Also return the HMC diagnostics of the call (the HMC ``subset_posterior`` options).
 
         Returns
         -------
         Z : ndarray of shape (n_samples, n_rows, latent_dim)
+        diagnostics : dict
+            Only with ``return_diagnostics=True``: ``"acceptance"`` and ``"step_size"`` (means over
+            the rows that ran HMC; None if none did), ``"n_divergent"`` (post-burn-in divergent
+            trajectories) and ``"escaped_rows"`` (rows whose chains ended outside [-10, 10]^D).
         """
         n_samples = _check_count(n_samples, "n_samples")
-        data, z = self._posterior(X, cond_mod, n_samples, random_state)
-        return z.astype(data.dtype, copy=False)
+        stats = HMCStats()
+        data, z = self._posterior(X, cond_mod, n_samples, random_state, stats)
+        z = z.astype(data.dtype, copy=False)
+        return (z, stats.as_dict()) if return_diagnostics else z
 
     def _decode(self, z: np.ndarray, output: str, seed: int, names=None) -> dict[str, np.ndarray]:
         """Decode latents into each modality's ``output``: "mean", "predict", "probabilities" or "sample"."""
@@ -873,6 +867,25 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         # NaN is accepted only as whole missing modalities, not anywhere: allow_nan stays False.
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
+
+
+def _warn_about_hmc(stats: HMCStats) -> None:
+    if not stats.n_rows:
+        return
+    if abs(stats.acceptance - 0.75) > 0.15:
+        warnings.warn(
+            f"HMC acceptance {stats.acceptance:.2f} is far from its 0.75 target; consider a larger "
+            "n_mcmc_steps (longer adaptation) or step_size='auto'.",
+            UserWarning,
+            stacklevel=4,
+        )
+    if stats.escaped_rows:
+        warnings.warn(
+            f"HMC chains of row(s) {stats.escaped_rows[:10]} ended far from the origin (|z| > 10): "
+            "the product of experts may be improper for these rows.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _loaded_device(device) -> torch.device:

@@ -74,6 +74,14 @@ class HMCStats:
     def step_size(self) -> float | None:
         return self.step_size_sum / self.n_rows if self.n_rows else None
 
+    def as_dict(self) -> dict:
+        return {
+            "acceptance": self.acceptance,
+            "step_size": self.step_size,
+            "n_divergent": self.n_divergent,
+            "escaped_rows": list(self.escaped_rows),
+        }
+
 
 @contextmanager
 def frozen_inference(module: torch.nn.Module):

@@ -41,7 +41,7 @@ def test_fitted_attributes_and_history(fitted, views):
     X, _, _ = views
     assert fitted.n_features_in_ == 13
     assert fitted.n_rows_dropped_ == 0
-    assert fitted.hmc_acceptance_ is None or 0 <= fitted.hmc_acceptance_ <= 1
+    assert not hasattr(fitted, "hmc_acceptance_")  # diagnostics come from sample_latent, not attributes
     epochs = fitted.history_["joint"]["epochs"]
     assert len(epochs) == 40
     losses = [e["valid_loss"] for e in epochs]

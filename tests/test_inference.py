@@ -86,16 +86,22 @@ def test_more_modalities_never_widen_the_posterior(fitted, views):
     assert widths[0] >= joint.var(axis=0).sum(axis=1).mean()
 
 
-def test_hmc_diagnostics_are_recorded_by_subset_calls_only(views):
+def test_hmc_diagnostics_are_returned_and_inference_leaves_the_estimator_unchanged(views):
     X, _, _ = views
     jnf = small_jnf(joint_epochs=5, flow_epochs=5, subset_posterior="product").fit(X)
-    assert jnf.hmc_acceptance_ is None and jnf.hmc_step_size_ is None
-    jnf.transform(X, cond_mod="a")
-    assert jnf.hmc_acceptance_ is None
+    state = {k: v for k, v in vars(jnf).items() if k != "module_"}
+    _, one = jnf.sample_latent(X, n_samples=2, cond_mod="a", return_diagnostics=True)
+    assert one["acceptance"] is None and one["step_size"] is None  # no HMC for one modality
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # short runs may miss the acceptance target
         jnf.transform(X, cond_mod=["a", "b"])
-    assert 0 < jnf.hmc_acceptance_ <= 1 and jnf.hmc_step_size_ > 0
+        Z, two = jnf.sample_latent(X, n_samples=2, cond_mod=["a", "b"], return_diagnostics=True)
+    assert Z.shape == (2, len(X["a"]), 2)
+    assert 0 < two["acceptance"] <= 1 and two["step_size"] > 0 and two["n_divergent"] >= 0
+    assert isinstance(two["escaped_rows"], list)
+    # transform and sample_latent write nothing on the estimator (sklearn's check_dict_unchanged)
+    assert vars(jnf).keys() - {"module_"} == state.keys()
+    assert all(vars(jnf)[k] is v for k, v in state.items())
 
 
 def test_latent_sample_is_one_posterior_draw(fitted, views):
