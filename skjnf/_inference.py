@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -164,8 +164,9 @@ def support_radius(latent_dim: int) -> float:
     return latent_dim * (1.0 - c + SUPPORT_QUANTILE_Z * math.sqrt(c)) ** 3
 
 
-def _supported_mean(module: JNFModule, draws: Tensor, fallback: Tensor) -> Tensor:
-    """Mean over draws (P, n, D) inside the aggregate posterior's support; ``fallback`` (n, D) if none.
+def _supported_mean(module: JNFModule, draws: Tensor, fallback: Callable[[], Tensor]) -> Tensor:
+    """Mean over draws (P, n, D) inside the aggregate posterior's support; rows with none take
+    ``fallback()`` (n, D), computed only when some row needs it.
 
     A flow posterior's far tails (where its inverse amplifies the base noise most) can put a
     few draws hundreds of units out; the experts integrate to the aggregate posterior, so mass
@@ -173,8 +174,10 @@ def _supported_mean(module: JNFModule, draws: Tensor, fallback: Tensor) -> Tenso
     """
     inside = (module.aggregate_whitened(draws) ** 2).sum(-1) <= support_radius(module.latent_dim)
     count = inside.sum(0)
-    total = torch.where(inside[..., None], draws, torch.zeros_like(draws)).sum(0)
-    return torch.where((count > 0)[:, None], total / count.clamp(min=1)[:, None], fallback)
+    mean = torch.where(inside[..., None], draws, torch.zeros_like(draws)).sum(0) / count.clamp(min=1)[:, None]
+    if bool((count > 0).all()):
+        return mean
+    return torch.where((count > 0)[:, None], mean, fallback())
 
 
 def _flow_posterior(
@@ -191,7 +194,8 @@ def _flow_posterior(
         chunks = []
         for part in _row_chunks(n, n_mean_samples, device):
             base = encode(part)
-            chunks.append(_supported_mean(module, _flow_draws(base, flow, noise), flow.inverse(base[0])[0]))
+            draws = _flow_draws(base, flow, noise)
+            chunks.append(_supported_mean(module, draws, lambda base=base: flow.inverse(base[0])[0]))
         return torch.cat(chunks)
     noise = torch.randn(n_draws, n, D, generator=generator, device=device)
     chunks = [_flow_draws(encode(part), flow, noise[:, part]) for part in _row_chunks(n, n_draws, device)]
@@ -199,18 +203,20 @@ def _flow_posterior(
 
 
 def _subset_log_target(module: JNFModule, blocks: dict[str, Tensor], cond: Sequence[str], experts, method: str):
-    """``log_target(z, rows)`` of HMC for a subset posterior ``method`` other than "amortized"."""
+    """``log_target(z, rows)`` of HMC for a subset posterior ``method`` other than "amortized";
+    None for "product_prior", the product divided by the prior, which is ``hmc_sample``'s own."""
     if method == "generative":  # the model's own posterior: p(z) Π_{j∈S} p(x_j | z)
 
         def log_target(z, rows):
             return std_normal_log_prob(z) + sum(module.log_likelihood(m, blocks[m][rows], z) for m in cond)
 
         return log_target
-    divisor = module.aggregate_log_prob if method == "product" else std_normal_log_prob
+    if method == "product_prior":
+        return None
 
     def log_target(z, rows):
         chunk = [(mean[rows], log_var[rows], flow) for mean, log_var, flow in experts]
-        return product_of_experts_log_prob(z, chunk, divisor)
+        return product_of_experts_log_prob(z, chunk, module.aggregate_log_prob)
 
     return log_target
 

@@ -410,7 +410,8 @@ def stage2_terms(
     """Per-row ({j: −log q_j(z | x_j)} for every modality j, −log q_S(z | x_S) or None when M < 3).
 
     z is one draw of the frozen joint posterior, from ``noise[:, :D]``; with M >= 3 the rest of
-    ``noise`` draws one random subset S of 2..M-1 modalities per row (:func:`random_subset_masks`).
+    ``noise`` draws ``SUBSET_DRAWS`` random subsets S of 2..M-1 modalities per row
+    (:func:`random_subset_masks`), and the subset term is the mean over them.
     The joint posterior's (mean, log-variance) come from ``blocks[JOINT_MEAN]`` and
     ``blocks[JOINT_LOG_VAR]`` when present (the joint part is frozen in stage 2, so they are
     computed once, not every epoch), else from the joint encoder.
@@ -442,7 +443,7 @@ def stage2_loss(module: JNFModule, blocks: dict[str, Tensor], noise: Tensor) -> 
 
 
 def stage2_noise_dim(module: JNFModule) -> int:
-    """Columns of stage-2 noise per row: the latent draw, plus a random subset when M >= 3."""
+    """Columns of stage-2 noise per row: the latent draw, plus ``SUBSET_DRAWS`` random subsets when M >= 3."""
     return module.latent_dim + (SUBSET_DRAWS * (len(module.names) + 1) if module.subset_encoder is not None else 0)
 
 
