@@ -23,6 +23,7 @@ from ._inference import (
     frozen_inference,
     joint_log_likelihood,
     joint_posterior,
+    observed_log_likelihood,
     pattern_generator,
     pattern_groups,
     posterior_latents,
@@ -32,10 +33,12 @@ from ._modules import (
     JOINT_LOG_VAR,
     JOINT_MEAN,
     NETWORK_PARTS,
+    OBSERVED,
     JNFModule,
     choose_subset_routes,
     stage1_loss,
     stage2_noise_dim,
+    stage2_row_counts,
     stage2_terms,
 )
 from ._training import NOISE_KEY, STAGES, StageModule, train_stage
@@ -94,7 +97,16 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
     Stage 1 trains a joint VAE on all modalities; stage 2 freezes it and trains one encoder per
     modality, enriched by a normalizing flow, to match the joint posterior. Any subset of
     modalities then gives a posterior: the joint encoder (all of them), one flow expert (one),
-    or the product of experts sampled by Hamiltonian Monte Carlo (the rest).
+    or the subset posterior (the rest; see ``subset_posterior``).
+
+    Training on incomplete rows: ``fit`` uses every row that observes at least one modality.
+    In stage 1 the joint encoder reads a missing modality as a learned vector in place of its
+    trunk's features and the ELBO runs over the observed modalities only (a lower bound of
+    log p(x_O)); complete rows go through exactly the complete-data encoder. In stage 2 expert j
+    learns from every row observing j, its target the joint posterior given that row's observed
+    modalities, q(z | x_O); when modalities are missing at random this averages, over the
+    unobserved ones, to the same target as complete rows give (the tower property). The subset
+    posterior learns from random subsets of each row's observed modalities.
 
     Parameters
     ----------
@@ -239,8 +251,11 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         and with three or more modalities ``"subset_valid_loss"``, ``"subset_best_epoch"`` and
         ``"subset_routes"`` (``{"a+b+c": "a+c"}``: the subsets that use a smaller one's posterior);
         its epoch rows carry ``"part_losses"`` (one per part, in that order).
-    n_rows_dropped_ : int
-        Rows left out of training because a modality was missing.
+    n_training_rows_ : dict
+        Rows each part learned from (training and validation rows): ``"joint"`` (stage 1: every
+        row, each through the modalities it observes), ``"experts"`` (stage 2, per modality: the
+        rows observing it) and, with three or more modalities, ``"subset"`` (rows observing two
+        or more).
 
     See Also
     --------
@@ -374,7 +389,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         ----------
         X : dict of array-like of shape (n_samples, n_features_m), or array-like of shape \
                 (n_samples, n_features)
-            The modalities; rows with a missing modality are left out (with a warning).
+            The modalities. A row may miss modalities (all-NaN in their columns); every row
+            that observes at least one is used (see "Training on incomplete rows" above).
         y : None
             Ignored.
 
@@ -384,15 +400,21 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         """
         layout, data, info = validate_X(self, X, fit=True)
         spec = self._model_spec(layout)
-        blocks, n_dropped = self._complete_rows(data, layout)
-        spec["n_categories"] = _check_likelihood_data(blocks, spec)
+        blocks, observed = _training_rows(data, layout)
+        spec["n_categories"] = _check_likelihood_data(blocks, observed, spec)
         device = _resolve_device(self.device)
         init_seed, split_seed, seed1, seed2, inference_seed = _seeds(self.random_state, 5)
-        train_rows, valid_rows = self._split(len(next(iter(blocks.values()))), split_seed)
-        train_blocks = {m: blocks[m][train_rows] for m in layout.names}
+        train_rows, valid_rows = self._split(data.n_samples, split_seed)
+        train_observed = data.observed[train_rows]
+        train_blocks = {
+            m: blocks[m][train_rows][torch.from_numpy(train_observed[:, j])] for j, m in enumerate(layout.names)
+        }
+        _check_observed_in_training(train_blocks)
         module = _build_module(spec, train_blocks, init_seed)
         _check_contracts(module, {m: x[:2] for m, x in train_blocks.items()})
         module = module.to(device)
+        if observed is not None:  # incomplete rows: the observed mask travels with the blocks
+            blocks = {**blocks, OBSERVED: torch.from_numpy(data.observed.astype(np.float32))}
         train = {m: x[train_rows].to(device) for m, x in blocks.items()}
         valid = {m: x[valid_rows].to(device) for m, x in blocks.items()} if len(valid_rows) else None
         history = self._train(module, spec, train, valid, (seed1, seed2), device)
@@ -407,7 +429,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             self.feature_names_in_ = info["feature_names_in_"]
         elif hasattr(self, "feature_names_in_"):
             del self.feature_names_in_
-        self.n_rows_dropped_ = n_dropped
+        self.n_training_rows_ = _training_row_counts(data.observed, layout.names)
         self.history_ = history
         self.module_ = module
         return self
@@ -458,31 +480,13 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             "flow_hidden_sizes": list(_check_widths(self.flow_hidden_sizes, "flow_hidden_sizes")),
         }
 
-    def _complete_rows(self, data: ModalityData, layout: Layout) -> tuple[dict, int]:
-        complete = data.observed.all(axis=1)
-        n_dropped = int((~complete).sum())
-        if complete.sum() < 2:
-            raise ValueError(
-                f"JNFEstimator needs at least 2 complete rows (every modality observed) to fit; got "
-                f"{int(complete.sum())} complete row(s) out of n_samples = {data.n_samples}."
-            )
-        if n_dropped:
-            warnings.warn(
-                f"fit left out {n_dropped} of {data.n_samples} rows with a missing modality "
-                "(JNF trains on complete rows).",
-                UserWarning,
-                stacklevel=4,
-            )
-        rows = torch.from_numpy(np.flatnonzero(complete))
-        return {m: data.blocks[m][rows] for m in layout.names}, n_dropped
-
     def _split(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         n_valid = math.ceil(self.validation_fraction * n)
         if n_valid == 0 or n - n_valid < 1:
             if self.validation_fraction > 0:
                 warnings.warn(
                     f"validation_fraction={self.validation_fraction} leaves no validation set for {n} "
-                    "complete rows; the best epoch is chosen by training loss.",
+                    "rows; the best epoch is chosen by training loss.",
                     UserWarning,
                     stacklevel=4,
                 )
@@ -518,14 +522,17 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             rescale, beta = spec["rescale"], float(self.beta)
 
             def part_losses(m, b, e):
-                return [stage1_loss(m, b, e, rescale, beta)]
+                return [stage1_loss(m, b, e, rescale, beta, b.get(OBSERVED))]
 
-            parts, noise_dim = [module.joint_parts()], module.latent_dim
+            parts, noise_dim, part_rows = [module.joint_parts()], module.latent_dim, None
         else:
 
             def part_losses(m, b, e):
-                experts, subset = stage2_terms(m, b, e)
+                experts, subset = stage2_terms(m, b, e, b.get(OBSERVED))
                 return list(experts.values()) + ([] if subset is None else [subset])
+
+            def part_rows(b):
+                return stage2_row_counts(b.get(OBSERVED), len(b[JOINT_MEAN]), len(parts))
 
             parts, noise_dim = module.stage2_parts(), stage2_noise_dim(module)
             train = _with_joint_posterior(module, train)
@@ -536,7 +543,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             fixed = torch.Generator(device=device).manual_seed(int(valid_seed))
             valid = {**valid, NOISE_KEY: torch.randn(n_valid, noise_dim, generator=fixed, device=device)}
         history = train_stage(
-            StageModule(module, part_losses, parts, noise_generator, STAGES[stage], noise_dim),
+            StageModule(module, part_losses, parts, noise_generator, STAGES[stage], noise_dim, part_rows),
             train,
             valid,
             epochs=epochs,
@@ -551,7 +558,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         )
         if stage == "flows" and valid is not None and module.subset_encoder is not None:
             with frozen_inference(module):
-                history["subset_routes"] = choose_subset_routes(module, valid, valid[NOISE_KEY])
+                history["subset_routes"] = choose_subset_routes(module, valid, valid[NOISE_KEY], valid.get(OBSERVED))
         part_epochs, part_losses_best = history.pop("part_best_epochs"), history.pop("part_best_losses")
         if stage == "flows" and valid is not None and part_epochs:
             # Each expert's calibration: mean held-out −log q_j(z | x_j) at its kept epoch.
@@ -771,11 +778,14 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         Parameters
         ----------
         X : dict of array-like, or array-like of shape (n_samples, n_features)
-            Every modality must be observed in every row.
+            Rows may miss modalities: each row is scored on what it observes.
         cond_mod : str, list of str or None, default=None
-            None: importance-weighted log p(x) with ``n_importance_samples`` draws from the joint
-            posterior. Given: log p(x_T | x_S), S = cond_mod and T = the other modalities, a
-            Monte Carlo average over ``n_importance_samples`` posterior draws given x_S.
+            None: importance-weighted log p(x_O) of each row's observed modalities O, with
+            ``n_importance_samples`` draws from the joint posterior (complete rows) or from the flow
+            posterior given O (the others; the subset posterior and its routes, or one expert).
+            Given: log p(x_T | x_S), S = cond_mod and T = the other modalities (each intersected
+            with what the row observes), a Monte Carlo average over ``n_importance_samples``
+            posterior draws given x_S; a row observing no modality of T scores 0.
 
         Returns
         -------
@@ -783,24 +793,38 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         _, data, _ = validate_X(self, X, fit=False)
-        missing = np.flatnonzero(~data.observed.all(axis=1))
-        if len(missing):
-            raise ValueError(f"score_samples needs every modality observed; row(s) {missing[:10].tolist()} miss some.")
         if cond_mod is None:
-            generator = torch.Generator(device=self._device).manual_seed(self._inference_seed)
-            blocks = {m: x.to(self._device) for m, x in data.blocks.items()}
-            with frozen_inference(self.module_):
-                log_p = joint_log_likelihood(self.module_, blocks, self.n_importance_samples, generator)
-            return log_p.cpu().numpy()
+            return self._marginal_log_likelihood(data)
         mask = self._conditioning(cond_mod)
         targets = [m for m, c in zip(self.modality_names_, mask) if not c]
         if not targets:
             raise ValueError("cond_mod names every modality; nothing is left to score.")
         _, draws = self._posterior(X, cond_mod, self.n_importance_samples, None)
         blocks = {m: data.blocks[m].to(self._device) for m in targets}
+        observed = None
+        if not data.observed[:, ~mask].all():
+            observed = torch.from_numpy(data.observed[:, ~mask].astype(np.float64)).to(self._device)
         with frozen_inference(self.module_):
-            log_p = conditional_log_likelihood(self.module_, blocks, targets, torch.from_numpy(draws).to(self._device))
+            draws = torch.from_numpy(draws).to(self._device)
+            log_p = conditional_log_likelihood(self.module_, blocks, targets, draws, observed)
         return log_p.cpu().numpy()
+
+    def _marginal_log_likelihood(self, data: ModalityData) -> np.ndarray:
+        """log p̂(x_O) per row, by pattern: the joint posterior proposes for complete rows, the flow
+        posterior given O for the others (its own noise per pattern)."""
+        out = np.empty(data.n_samples, dtype=np.float64)
+        with frozen_inference(self.module_):
+            for pattern, rows in pattern_groups(data.observed):
+                cond = [m for m, on in zip(self.modality_names_, pattern) if on]
+                blocks = {m: data.blocks[m][torch.from_numpy(rows)].to(self._device) for m in cond}
+                if len(cond) == len(self.modality_names_):
+                    generator = torch.Generator(device=self._device).manual_seed(self._inference_seed)
+                    log_p = joint_log_likelihood(self.module_, blocks, self.n_importance_samples, generator)
+                else:
+                    generator = pattern_generator(self._inference_seed, pattern, self._device)
+                    log_p = observed_log_likelihood(self.module_, blocks, cond, self.n_importance_samples, generator)
+                out[rows] = log_p.cpu().numpy()
+        return out
 
     def score(self, X, y=None):
         """Mean estimated log-likelihood of the rows (higher is better).
@@ -899,13 +923,65 @@ def _loaded_device(device) -> torch.device:
         return torch.device("cpu")
 
 
-def _check_likelihood_data(blocks: dict, spec: dict) -> list:
-    """Check each block fits its likelihood; return the category count of code columns (else None)."""
+def _training_rows(data: ModalityData, layout: Layout) -> tuple[dict, np.ndarray | None]:
+    """The blocks fit trains on (every row) and their observed mask, None when every row is complete.
+
+    A row observing no modality, or a modality observed in fewer than two rows, is an error; two
+    modalities never observed in the same row get a warning (nothing ties their latents together
+    but the other modalities).
+    """
+    observed = data.observed
+    empty = np.flatnonzero(~observed.any(axis=1))
+    if len(empty):
+        raise ValueError(
+            f"Row(s) {empty[:10].tolist()} observe no modality (every block missing or all-NaN); fit needs "
+            "at least one observed modality per row: drop these rows."
+        )
+    for name, count in zip(layout.names, observed.sum(axis=0)):
+        if count < 2:
+            raise ValueError(
+                f"Modality {name!r} is observed in {int(count)} row(s) (n_samples = {data.n_samples}); "
+                "fit needs at least 2."
+            )
+    together = observed.T.astype(np.int64) @ observed.astype(np.int64)
+    for a, b in zip(*np.nonzero(np.triu(together == 0, k=1))):
+        warnings.warn(
+            f"Modalities {layout.names[a]!r} and {layout.names[b]!r} are never observed in the same row: "
+            "their relation is learned only through the other modalities.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return dict(data.blocks), None if observed.all() else observed
+
+
+def _check_observed_in_training(train_blocks: dict) -> None:
+    for name, x in train_blocks.items():
+        if len(x) == 0:
+            raise ValueError(
+                f"Modality {name!r} is observed only in validation rows; observe it in more rows or "
+                "lower validation_fraction."
+            )
+
+
+def _training_row_counts(observed: np.ndarray, names: Sequence[str]) -> dict:
+    """Rows each part of the model learned from (training and validation rows together)."""
+    counts = {
+        "joint": int(observed.any(axis=1).sum()),
+        "experts": {name: int(n) for name, n in zip(names, observed.sum(axis=0))},
+    }
+    if len(names) >= 3:
+        counts["subset"] = int((observed.sum(axis=1) >= 2).sum())
+    return counts
+
+
+def _check_likelihood_data(blocks: dict, observed: np.ndarray | None, spec: dict) -> list:
+    """Check each block's observed rows fit its likelihood; return the category count of code columns (else None)."""
     n_categories = []
-    for name, dist in zip(spec["names"], spec["decoders"]):
-        LIKELIHOODS[dist].check_data(name, blocks[name])
-        codes = dist == "categorical" and blocks[name].shape[1] == 1
-        n_categories.append(int(blocks[name].max()) + 1 if codes else None)  # from every complete row
+    for j, (name, dist) in enumerate(zip(spec["names"], spec["decoders"])):
+        x = blocks[name] if observed is None else blocks[name][torch.from_numpy(observed[:, j])]
+        LIKELIHOODS[dist].check_data(name, x)
+        codes = dist == "categorical" and x.shape[1] == 1
+        n_categories.append(int(x.max()) + 1 if codes else None)  # from every observed row
     return n_categories
 
 
@@ -1001,9 +1077,9 @@ def _check_flow(flow, name: str, D: int) -> None:
 
 
 def _with_joint_posterior(module: JNFModule, blocks: dict) -> dict:
-    """``blocks`` plus the frozen joint posterior of their rows, for stage 2 (eval mode)."""
+    """``blocks`` plus the frozen joint posterior of their rows (given what each observes), for stage 2."""
     with frozen_inference(module):
-        mean, log_var = joint_posterior(module, blocks)
+        mean, log_var = joint_posterior(module, blocks, blocks.get(OBSERVED))
     return {**blocks, JOINT_MEAN: mean, JOINT_LOG_VAR: log_var}
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._distributions import reparameterize, std_normal_log_prob
+from ._distributions import gaussian_log_prob, reparameterize, std_normal_log_prob
 from ._hmc import hmc_sample, product_of_experts_log_prob
 from ._modules import JNFModule, joint_log_weights
 
@@ -26,6 +26,8 @@ __all__ = [
     "posterior_latents",
     "joint_log_likelihood",
     "conditional_log_likelihood",
+    "observed_log_likelihood",
+    "flow_posterior",
     "decode_in_chunks",
 ]
 
@@ -109,12 +111,17 @@ def _row_chunks(n_rows: int, per_row: int, device: torch.device, budgets=MAX_BAT
         yield slice(start, start + step)
 
 
-def joint_posterior(module: JNFModule, blocks: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """(mean, log-variance) of q(z | X) for every row, in row chunks: memory bounded in n."""
+def joint_posterior(
+    module: JNFModule, blocks: dict[str, Tensor], observed: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(mean, log-variance) of q(z | X), or q(z | x_O) given ``observed`` (n, M), for every row,
+    in row chunks: memory bounded in n."""
     n = len(next(iter(blocks.values())))
     device = next(iter(blocks.values())).device
     parts = [
-        module.joint_posterior({name: x[part] for name, x in blocks.items()})
+        module.joint_posterior(
+            {name: x[part] for name, x in blocks.items()}, None if observed is None else observed[part]
+        )
         for part in _row_chunks(n, JOINT_ROW_COST, device)
     ]
     if len(parts) == 1:
@@ -229,6 +236,30 @@ def _subset_route(module: JNFModule, cond: Sequence[str]) -> list[str]:
     return [m for j, m in enumerate(module.names) if used >> j & 1]
 
 
+def flow_posterior(module: JNFModule, blocks: dict[str, Tensor], cond: Sequence[str]):
+    """``(encode, flow)`` of the flow posterior given 1..M-1 modalities ``cond``: ``encode(rows)``
+    gives the base Gaussian (mean, log-variance) of those rows (a slice), ``flow`` maps z to the base.
+
+    One modality: its expert. More: the subset encoder and its flow, or, where
+    :func:`choose_subset_routes` found a subset of ``cond`` fitting held-out rows better, that one's.
+    """
+    cond = _subset_route(module, cond) if len(cond) > 1 else list(cond)
+    if len(cond) == 1:
+        name = cond[0]
+
+        def encode(part: slice) -> tuple[Tensor, Tensor]:
+            return module.expert_posterior(name, blocks[name][part])
+
+        return encode, module.flows[module.index(name)]
+    mask = torch.tensor([[float(m in cond) for m in module.names]], device=next(iter(blocks.values())).device)
+
+    def encode(part: slice) -> tuple[Tensor, Tensor]:
+        sub = {m: blocks[m][part] for m in cond}
+        return module.subset_posterior(sub, mask.expand(len(next(iter(sub.values()))), -1))
+
+    return encode, module.subset_flow
+
+
 def posterior_latents(
     module: JNFModule,
     blocks: dict[str, Tensor],
@@ -259,34 +290,9 @@ def posterior_latents(
             return mean
         noise = torch.randn(n_draws, n, D, generator=generator, device=device)
         return reparameterize(mean, log_var, noise)
-    if len(cond) == 1:
-        name = cond[0]
-
-        def encode(part: slice) -> tuple[Tensor, Tensor]:
-            return module.expert_posterior(name, blocks[name][part])
-
-        return _flow_posterior(module, encode, module.flows[module.index(name)], n, n_draws, n_mean_samples, generator)
-    if subset_posterior == "amortized":
-        used = _subset_route(module, cond)
-        if used != list(cond):  # a subset of cond fitted held-out rows better
-            return posterior_latents(
-                module,
-                {m: blocks[m] for m in used},
-                used,
-                n_draws=n_draws,
-                n_mean_samples=n_mean_samples,
-                hmc=hmc,
-                generator=generator,
-                stats=stats,
-                rows=rows,
-            )
-        mask = torch.tensor([[float(m in cond) for m in module.names]], device=device)
-
-        def encode(part: slice) -> tuple[Tensor, Tensor]:
-            sub = {m: x[part] for m, x in blocks.items()}
-            return module.subset_posterior(sub, mask.expand(len(next(iter(sub.values()))), -1))
-
-        return _flow_posterior(module, encode, module.subset_flow, n, n_draws, n_mean_samples, generator)
+    if len(cond) == 1 or subset_posterior == "amortized":
+        encode, flow = flow_posterior(module, blocks, cond)
+        return _flow_posterior(module, encode, flow, n, n_draws, n_mean_samples, generator)
     experts = []
     for name in cond:
         mean, log_var = module.expert_posterior(name, blocks[name])
@@ -338,14 +344,53 @@ def joint_log_likelihood(module: JNFModule, blocks: dict[str, Tensor], n_samples
     return out
 
 
-def conditional_log_likelihood(
-    module: JNFModule, blocks: dict[str, Tensor], targets: Sequence[str], draws: Tensor
+def observed_log_likelihood(
+    module: JNFModule, blocks: dict[str, Tensor], cond: Sequence[str], n_samples: int, generator
 ) -> Tensor:
-    """log p̂(x_T | x_S) = logsumexp_k Σ_{m∈T} log p(x_m | z_k) − log K, z_k posterior draws (K, n, D)."""
+    """Importance-weighted log p̂(x_O) per row (float64) of rows observing only ``cond`` (1..M-1).
+
+    The proposal is the flow posterior given ``cond`` (:func:`flow_posterior`): trained to cover
+    the joint posterior, it is mass-covering, as an importance proposal should be. log w =
+    Σ_{m∈O} log p(x_m | z) + log p(z) − log q(z | x_O), with q's density from the inverse pass
+    that drew z; base noise (K, D) is shared by all rows, so a row's score never depends on its
+    batch mates.
+    """
+    encode, flow = flow_posterior(module, blocks, cond)
+    n, D = len(next(iter(blocks.values()))), module.latent_dim
+    device = next(iter(blocks.values())).device
+    noise = torch.randn(n_samples, 1, D, generator=generator, device=device)
+    out = torch.empty(n, dtype=torch.float64, device=device)
+    k_step = min(n_samples, DECODE_BATCH_ELEMENTS.get(device.type, DECODE_BATCH_ELEMENTS["cuda"]))
+    for part in _row_chunks(n, k_step, device, DECODE_BATCH_ELEMENTS):
+        mean, log_var = encode(part)
+        acc = torch.full((len(mean),), -math.inf, dtype=torch.float64, device=device)
+        for k in range(0, n_samples, k_step):
+            u = reparameterize(mean, log_var, noise[k : k + k_step])  # (k, r, D)
+            z, log_det = flow.inverse(u.reshape(-1, D))
+            z, log_det = z.reshape(u.shape), log_det.reshape(u.shape[:-1])
+            log_w = std_normal_log_prob(z) - (gaussian_log_prob(u, mean, log_var) - log_det)
+            for name in cond:
+                log_w = log_w + module.log_likelihood(name, blocks[name][part], z)
+            acc = torch.logaddexp(acc, torch.logsumexp(log_w.double(), dim=0))
+        out[part] = acc - math.log(n_samples)
+    return out
+
+
+def conditional_log_likelihood(
+    module: JNFModule, blocks: dict[str, Tensor], targets: Sequence[str], draws: Tensor, observed: Tensor | None = None
+) -> Tensor:
+    """log p̂(x_T | x_S) = logsumexp_k Σ_{m∈T} log p(x_m | z_k) − log K, z_k posterior draws (K, n, D).
+
+    ``observed`` (n, len(targets)) leaves out, per row, the targets it does not observe (a row
+    observing none scores 0, the log-probability of nothing).
+    """
     n_samples, n = draws.shape[:2]
     out = torch.empty(n, dtype=torch.float64, device=draws.device)
     for part in _row_chunks(n, n_samples, draws.device, DECODE_BATCH_ELEMENTS):
-        log_p = sum(module.log_likelihood(name, blocks[name][part], draws[:, part]).double() for name in targets)
+        log_p = 0.0
+        for t, name in enumerate(targets):
+            term = module.log_likelihood(name, blocks[name][part], draws[:, part]).double()
+            log_p = log_p + (term if observed is None else observed[part, t] * term)
         out[part] = torch.logsumexp(log_p, dim=0) - math.log(n_samples)
     return out
 

@@ -30,10 +30,12 @@ __all__ = [
     "stage2_loss",
     "stage2_terms",
     "stage2_noise_dim",
+    "stage2_row_counts",
     "random_subset_masks",
     "choose_subset_routes",
     "JOINT_MEAN",
     "JOINT_LOG_VAR",
+    "OBSERVED",
 ]
 
 
@@ -75,20 +77,33 @@ class UnimodalEncoder(nn.Module):
 
 
 class JointEncoder(nn.Module):
-    """q(z | X): one trunk per modality, concatenated, then a joint MLP and Gaussian heads."""
+    """q(z | X): one trunk per modality, concatenated, then a joint MLP and Gaussian heads.
+
+    Given ``observed`` (n, M), a missing modality's trunk features are replaced by a learned
+    vector of its own (``missing_features[j]``, zero at the start), so the same encoder gives
+    q(z | x_O) for any observed set O: on complete rows it is exactly the complete-data encoder
+    (same weights, same function), which a pooled encoder would not be. The vectors are trained
+    only when ``fit`` sees incomplete rows.
+    """
 
     def __init__(
         self, trunks: Sequence[nn.Module], trunk_widths: Sequence[int], hidden_sizes: Sequence[int], latent_dim: int
     ):
         super().__init__()
         self.trunks = nn.ModuleList(trunks)
+        self.missing_features = nn.ParameterList(nn.Parameter(torch.zeros(width)) for width in trunk_widths)
         joint_in = sum(trunk_widths)
         self.body = mlp(joint_in, hidden_sizes)
         self.head = GaussianHead(_out_width(joint_in, hidden_sizes), latent_dim)
 
-    def forward(self, blocks: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        h = torch.cat([trunk(x) for trunk, x in zip(self.trunks, blocks)], dim=-1)
-        return self.head(self.body(h))
+    def forward(self, blocks: Sequence[Tensor], observed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        features = [trunk(x) for trunk, x in zip(self.trunks, blocks)]
+        if observed is not None:
+            features = [
+                torch.where(observed[:, j : j + 1] > 0, h, missing.to(h.dtype))
+                for j, (h, missing) in enumerate(zip(features, self.missing_features))
+            ]
+        return self.head(self.body(torch.cat(features, dim=-1)))
 
 
 class Decoder(nn.Module):
@@ -301,9 +316,11 @@ class JNFModule(nn.Module):
         """Decoder j's output at z (…, D), flattened to (…, n_outputs)."""
         return self.decoders[j](z).reshape(*z.shape[:-1], -1)
 
-    def joint_posterior(self, blocks: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(mean, log-variance) of q(z | X); needs every modality."""
-        return self.joint_encoder([self.encoder_input(j, blocks[name]) for j, name in enumerate(self.names)])
+    def joint_posterior(self, blocks: dict[str, Tensor], observed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(mean, log-variance) of q(z | X), or of q(z | x_O) given ``observed`` (n, M) marking O
+        (every block present, zeros where a modality is missing)."""
+        inputs = [self.encoder_input(j, blocks[name]) for j, name in enumerate(self.names)]
+        return self.joint_encoder(inputs, observed)
 
     def expert_posterior(self, name: str, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mean, log-variance) of expert ``name``'s base Gaussian."""
@@ -366,18 +383,32 @@ class JNFModule(nn.Module):
 
 
 def stage1_loss(
-    module: JNFModule, blocks: dict[str, Tensor], noise: Tensor, rescale: Sequence[float], beta: float
+    module: JNFModule,
+    blocks: dict[str, Tensor],
+    noise: Tensor,
+    rescale: Sequence[float],
+    beta: float,
+    observed: Tensor | None = None,
 ) -> Tensor:
-    """Per-row Σ_m r_m·(−log p(x_m | z)) + β·KL(q(z | X) ‖ N(0, I)), z reparameterised from ``noise``."""
-    mean, log_var = module.joint_posterior(blocks)
+    """Per-row Σ_m r_m·(−log p(x_m | z)) + β·KL(q(z | X) ‖ N(0, I)), z reparameterised from ``noise``.
+
+    Given ``observed`` (n, M), the encoder reads only the observed modalities and the sum runs
+    over them: the ELBO of log p(x_O), the marginal of what the row has.
+    """
+    mean, log_var = module.joint_posterior(blocks, observed)
     z = reparameterize(mean, log_var, noise)
-    reconstruction = sum(-r * module.log_likelihood(name, blocks[name], z) for name, r in zip(module.names, rescale))
+    terms = [-r * module.log_likelihood(name, blocks[name], z) for name, r in zip(module.names, rescale)]
+    if observed is not None:
+        terms = [observed[:, j] * term for j, term in enumerate(terms)]
+    reconstruction = sum(terms)
     kl = 0.5 * (mean**2 + torch.exp(log_var) - 1.0 - log_var).sum(-1)
     return reconstruction + beta * kl
 
 
 #: Batch keys under which stage 2 receives the frozen joint posterior, computed once per fit.
 JOINT_MEAN, JOINT_LOG_VAR = "__joint_mean__", "__joint_log_var__"
+#: Batch key of the (n, M) float mask of observed modalities, present only when ``fit`` saw incomplete rows.
+OBSERVED = "__observed__"
 
 
 #: Largest number of modalities for which every subset's posterior is checked on held-out rows.
@@ -390,22 +421,34 @@ MAX_ROUTED_MODALITIES = 12
 SUBSET_DRAWS = 4
 
 
-def random_subset_masks(noise: Tensor) -> Tensor:
+def random_subset_masks(noise: Tensor, observed: Tensor | None = None) -> Tensor:
     """(n, M) float masks of random subsets of 2..M-1 modalities from Gaussian noise (n, M + 1).
 
     The ranks of the first M columns are a uniform random permutation; the last column, through
     the normal CDF, picks the subset size uniformly in 2..M-1. Fixed noise gives fixed subsets
-    (the validation loss uses fixed noise).
+    (the validation loss uses fixed noise). Given ``observed`` (n, M), subsets are drawn among a
+    row's observed modalities, of size 2..min(|O|, M-1) (a row with |O| < 2 gets a subset of one,
+    which :func:`stage2_terms` leaves out).
     """
     n_modalities = noise.shape[1] - 1
-    ranks = noise[:, :n_modalities].argsort(-1).argsort(-1)
+    keys = noise[:, :n_modalities]
+    largest = n_modalities - 1
+    if observed is not None:
+        keys = keys.masked_fill(observed <= 0, math.inf)
+        largest = observed.sum(1).clamp(max=n_modalities - 1).long()
+    ranks = keys.argsort(-1).argsort(-1)
     uniform = 0.5 * (1.0 + torch.erf(noise[:, -1] / math.sqrt(2.0)))
-    size = 2 + (uniform * (n_modalities - 2)).long().clamp(max=n_modalities - 3)
+    if observed is None:
+        size = 2 + (uniform * (n_modalities - 2)).long().clamp(max=n_modalities - 3)
+    else:
+        size = (2 + (uniform * (largest - 1)).long()).clamp(min=1)
+        size = torch.minimum(size, largest.clamp(min=1))
+        return ((ranks < size[:, None]) & (observed > 0)).to(noise.dtype)
     return (ranks < size[:, None]).to(noise.dtype)
 
 
 def stage2_terms(
-    module: JNFModule, blocks: dict[str, Tensor], noise: Tensor
+    module: JNFModule, blocks: dict[str, Tensor], noise: Tensor, observed: Tensor | None = None
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     """Per-row ({j: −log q_j(z | x_j)} for every modality j, −log q_S(z | x_S) or None when M < 3).
 
@@ -415,25 +458,45 @@ def stage2_terms(
     The joint posterior's (mean, log-variance) come from ``blocks[JOINT_MEAN]`` and
     ``blocks[JOINT_LOG_VAR]`` when present (the joint part is frozen in stage 2, so they are
     computed once, not every epoch), else from the joint encoder.
+
+    Given ``observed`` (n, M), the joint posterior is q(z | x_O), expert j's term is zero on rows
+    missing j, the subsets are drawn among the observed modalities and the subset term is zero on
+    rows observing fewer than two: each expert learns E[q(z | x_O) | x_j], which is q_j's target
+    p(z | x_j) when modalities are missing at random (the tower property).
     """
     if JOINT_MEAN in blocks:
         mean, log_var = blocks[JOINT_MEAN], blocks[JOINT_LOG_VAR]
     else:
         with torch.no_grad():
-            mean, log_var = module.joint_posterior(blocks)
+            mean, log_var = module.joint_posterior(blocks, observed)
     D = module.latent_dim
     z = reparameterize(mean, log_var, noise[:, :D])
     experts = {}
-    for name in module.names:
+    for j, name in enumerate(module.names):
         mean, log_var = module.expert_posterior(name, blocks[name])
         experts[name] = -module.expert_log_prob(name, z, mean, log_var)
+        if observed is not None:
+            experts[name] = observed[:, j] * experts[name]
     if module.subset_encoder is None:
         return experts, None
     n, k = len(z), SUBSET_DRAWS
-    masks = random_subset_masks(noise[:, D:].reshape(n * k, -1)).reshape(n, k, -1)
+    subset_noise = noise[:, D:].reshape(n * k, -1)
+    row_observed = None if observed is None else observed.repeat_interleave(k, dim=0)
+    masks = random_subset_masks(subset_noise, row_observed).reshape(n, k, -1)
     mean, log_var = module.subset_posterior(blocks, masks)  # (n, k, D): one base per subset
-    subset = -expert_log_prob(z[:, None, :].expand(n, k, D), mean, log_var, module.subset_flow)
-    return experts, subset.mean(1)
+    subset = -expert_log_prob(z[:, None, :].expand(n, k, D), mean, log_var, module.subset_flow).mean(1)
+    if observed is not None:
+        subset = (observed.sum(1) >= 2).to(subset.dtype) * subset
+    return experts, subset
+
+
+def stage2_row_counts(observed: Tensor | None, n: int, n_parts: int) -> list[float]:
+    """Rows each stage-2 part's loss counts in a batch of n: each expert's observed rows, then
+    the rows observing two or more modalities (the subset posterior's)."""
+    if observed is None:
+        return [float(n)] * n_parts
+    counts = [float(c) for c in observed.sum(0)]
+    return (counts + [float((observed.sum(1) >= 2).sum())])[:n_parts]
 
 
 def stage2_loss(module: JNFModule, blocks: dict[str, Tensor], noise: Tensor) -> Tensor:
@@ -459,7 +522,9 @@ def joint_log_weights(
 
 
 @torch.no_grad()
-def choose_subset_routes(module: JNFModule, blocks: dict[str, Tensor], noise: Tensor) -> dict[str, str]:
+def choose_subset_routes(
+    module: JNFModule, blocks: dict[str, Tensor], noise: Tensor, observed: Tensor | None = None
+) -> dict[str, str]:
     """Route each subset S of 2..M-1 modalities to the posterior, among S's and its subsets', that
     fits held-out rows best.
 
@@ -470,19 +535,20 @@ def choose_subset_routes(module: JNFModule, blocks: dict[str, Tensor], noise: Te
     better (whatever that one routes to): so held-out fit never gets worse as modalities are
     added. This is model selection on the stage-2 objective, the one every posterior was trained
     on; it needs 2^M passes of the subset encoder over the validation rows, so it runs for
-    M <= ``MAX_ROUTED_MODALITIES``. ``module.subset_routes[S]`` gets the bitmask of the subset
-    to use; returns ``{"a+b+c": "a+c"}`` for the subsets routed elsewhere.
+    M <= ``MAX_ROUTED_MODALITIES``. Given ``observed`` (n, M), S is judged on the rows observing
+    all of S (it keeps its own posterior when there are none). ``module.subset_routes[S]`` gets
+    the bitmask of the subset to use; returns ``{"a+b+c": "a+c"}`` for the subsets routed elsewhere.
     """
     n_modalities, routes = len(module.names), module.subset_routes
     if routes.numel() == 0:
         return {}
     z = reparameterize(blocks[JOINT_MEAN], blocks[JOINT_LOG_VAR], noise[:, : module.latent_dim])
-    best = {}  # bitmask -> (held-out loss, bitmask of the posterior used)
+    has = torch.ones(len(z), n_modalities, dtype=torch.bool, device=z.device) if observed is None else observed > 0
+    row_losses = {}  # bitmask -> per-row −log q of its own posterior (n,)
+    used = {}  # bitmask -> bitmask of the posterior it uses
     for j, name in enumerate(module.names):
-        best[1 << j] = (
-            float(-module.expert_log_prob(name, z, *module.expert_posterior(name, blocks[name])).mean()),
-            1 << j,
-        )
+        row_losses[1 << j] = -module.expert_log_prob(name, z, *module.expert_posterior(name, blocks[name]))
+        used[1 << j] = 1 << j
     for bits in sorted(range(1, 2**n_modalities - 1), key=lambda b: bin(b).count("1")):
         members = [j for j in range(n_modalities) if bits >> j & 1]
         if len(members) < 2:
@@ -490,11 +556,16 @@ def choose_subset_routes(module: JNFModule, blocks: dict[str, Tensor], noise: Te
         mask = torch.zeros(len(z), n_modalities, device=z.device)
         mask[:, members] = 1.0
         mean, log_var = module.subset_posterior(blocks, mask)
-        own = (float(-expert_log_prob(z, mean, log_var, module.subset_flow).mean()), bits)
-        best[bits] = min([own] + [best[bits & ~(1 << j)] for j in members], key=lambda pair: pair[0])
-        routes[bits] = best[bits][1]
+        row_losses[bits] = -expert_log_prob(z, mean, log_var, module.subset_flow)
+        rows = has[:, members].all(1)
+        candidates = [bits] + [used[bits & ~(1 << j)] for j in members]
+        if rows.any():
+            used[bits] = min(candidates, key=lambda c: float(row_losses[c][rows].mean()))
+        else:
+            used[bits] = bits
+        routes[bits] = used[bits]
 
     def label(bits: int) -> str:
         return "+".join(name for j, name in enumerate(module.names) if bits >> j & 1)
 
-    return {label(bits): label(used) for bits, (_, used) in best.items() if used != bits}
+    return {label(bits): label(target) for bits, target in used.items() if target != bits}

@@ -67,12 +67,22 @@ class StageModule(nn.Module):
     """
 
     def __init__(
-        self, jnf: nn.Module, part_losses: Callable, parts: list[list[nn.Module]], generator, label: str, noise_dim: int
+        self,
+        jnf: nn.Module,
+        part_losses: Callable,
+        parts: list[list[nn.Module]],
+        generator,
+        label: str,
+        noise_dim: int,
+        part_rows: Callable | None = None,
     ):
         super().__init__()
         self.jnf = jnf
         self.part_losses, self.generator, self.label, self.noise_dim = part_losses, generator, label, noise_dim
         self._parts = parts
+        # part_rows(batch) -> rows each part's loss counts (default: all): a part whose loss is
+        # zero on some rows (an expert on rows missing its modality) is averaged over its own rows.
+        self.part_rows = part_rows
 
     @property
     def n_parts(self) -> int:
@@ -109,13 +119,15 @@ class StageModule(nn.Module):
         was_training = self.training
         self.eval()
         n = len(next(iter(data.values())))
-        totals = [0.0] * self.n_parts
+        totals, rows = [0.0] * self.n_parts, [0.0] * self.n_parts
         for start in range(0, n, batch_size):
             batch = {key: value[start : start + batch_size] for key, value in data.items()}
+            counts = self.part_rows(batch) if self.part_rows is not None else None
             for i, loss in enumerate(self.part_losses(self.jnf, batch, self._noise(batch))):
                 totals[i] += float(loss.sum())
+                rows[i] += len(loss) if counts is None else counts[i]
         self.train(was_training)
-        return [total / n for total in totals]
+        return [total / count if count else math.inf for total, count in zip(totals, rows)]
 
 
 def fused_adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:

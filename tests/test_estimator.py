@@ -40,7 +40,8 @@ def test_dict_dataframe_and_array_inputs_agree(views):
 def test_fitted_attributes_and_history(fitted, views):
     X, _, _ = views
     assert fitted.n_features_in_ == 13
-    assert fitted.n_rows_dropped_ == 0
+    n = len(X["a"])
+    assert fitted.n_training_rows_ == {"joint": n, "experts": {"a": n, "b": n, "c": n}, "subset": n}
     assert not hasattr(fitted, "hmc_acceptance_")  # diagnostics come from sample_latent, not attributes
     epochs = fitted.history_["joint"]["epochs"]
     assert len(epochs) == 40

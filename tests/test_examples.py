@@ -25,6 +25,7 @@ FIGURES = {
     "plot_imputation.py": ["imputation.png", "imputation_digits.png"],
     "plot_column_transformer_search.py": ["column_transformer_search.png"],
     "plot_dask_search.py": ["dask_search.png"],
+    "plot_incomplete_rows.py": ["incomplete_rows.png"],
 }
 NEEDS = {"plot_dask_search.py": "distributed"}
 TIMEOUT_S = 300

@@ -212,8 +212,8 @@ def test_divergence_raises_and_leaves_no_half_fitted_state(views):
 def test_nan_in_stage2_names_the_stage(views, monkeypatch):
     X, _, _ = views
 
-    def poisoned(module, blocks, noise):
-        experts, subset = stage2_terms(module, blocks, noise)
+    def poisoned(module, blocks, noise, observed=None):
+        experts, subset = stage2_terms(module, blocks, noise, observed)
         return {name: term * float("nan") for name, term in experts.items()}, subset
 
     monkeypatch.setattr(estimator_module, "stage2_terms", poisoned)
@@ -226,7 +226,7 @@ def test_keyboard_interrupt_leaves_previous_fit_intact(views, monkeypatch):
     fitted = small_jnf(joint_epochs=2, flow_epochs=2).fit(X)
     before = fitted.transform(X)
 
-    def interrupted(module, blocks, noise):
+    def interrupted(module, blocks, noise, observed=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(estimator_module, "stage2_terms", interrupted)

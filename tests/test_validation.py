@@ -32,7 +32,7 @@ def model():
         ({"a": np.ones((5, 2)) + 1j, "b": np.ones((5, 2))}, "Modality 'a'.*[Cc]omplex"),
         ({"a": np.full((5, 2), np.inf), "b": np.ones((5, 2))}, "Modality 'a'.*infinity"),
         ({"a": np.c_[np.full(5, np.nan), np.ones(5)], "b": np.ones((5, 2))}, "Modality 'a' has NaN in only part"),
-        ({"a": np.ones((1, 2)), "b": np.ones((1, 2))}, "at least 2 complete rows.*1"),
+        ({"a": np.ones((1, 2)), "b": np.ones((1, 2))}, "Modality .a. is observed in 1 row.*at least 2"),
         ({1: np.ones((5, 2))}, "keys of X\\) must be strings"),
     ],
 )
@@ -60,8 +60,8 @@ def test_bad_transform_input(model):
         model.transform({"a": np.r_[X["a"][:1], np.full((1, 4), np.nan)]})
     with pytest.raises(TypeError, match="fitted on a mapping"):
         model.transform(np.ones((3, 7)))
-    with pytest.raises(ValueError, match="score_samples needs every modality"):
-        model.score_samples({"a": X["a"]})
+    with pytest.raises(ValueError, match=r"Row\(s\) \[1\] observe none of the conditioning modalities \['a'\]"):
+        model.score_samples({"a": np.r_[X["a"][:1], np.full((1, 4), np.nan)], "b": X["b"][:2]}, cond_mod="a")
 
 
 def test_missing_modality_at_transform_is_conditioned_out(model):
@@ -122,14 +122,30 @@ def test_unknown_column_name():
         small_jnf(**QUICK, modalities={"x": ["zz"], "y": list("abcdefg")}).fit(frame)
 
 
-def test_incomplete_rows_are_dropped_with_a_warning():
+def test_incomplete_rows_are_used_and_counted():
     X = _data()
     X["b"][:5] = np.nan
-    with pytest.warns(UserWarning, match="left out 5 of 40 rows"):
-        jnf = small_jnf(**QUICK).fit(X)
-    assert jnf.n_rows_dropped_ == 5
+    jnf = small_jnf(**QUICK).fit(X)
+    assert jnf.n_training_rows_ == {"joint": 40, "experts": {"a": 40, "b": 35}}
     z = jnf.transform(X)  # rows without b are conditioned on a alone
     np.testing.assert_array_equal(z[:5], jnf.transform({"a": X["a"][:5]}))
+
+
+def test_rows_observing_nothing_are_named():
+    X = _data()
+    X["a"][[3, 7]] = np.nan
+    X["b"][[3, 7]] = np.nan
+    with pytest.raises(ValueError, match=r"Row\(s\) \[3, 7\] observe no modality"):
+        small_jnf(**QUICK).fit(X)
+
+
+def test_modalities_never_observed_together_warn():
+    rng = np.random.default_rng(0)
+    X = {m: rng.normal(size=(30, 2)) for m in "abc"}
+    X["a"][15:] = np.nan
+    X["b"][:15] = np.nan
+    with pytest.warns(UserWarning, match="'a' and 'b' are never observed in the same row"):
+        small_jnf(**QUICK).fit(X)
 
 
 def test_odd_but_valid_shapes():
