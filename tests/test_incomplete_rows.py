@@ -77,14 +77,14 @@ def linear_gaussian_fits():
         "drop": _model().fit({m: x[complete] for m, x in full.items()}),
         "use": _model().fit(incomplete),
     }
-    return truth, test, fits
+    return truth, test, fits, incomplete
 
 
 def test_training_on_incomplete_rows_closes_most_of_the_gap_to_complete_data(linear_gaussian_fits):
     """Fewer than 10 % of the rows complete: using the incomplete rows must close at least half
     of the gap between dropping them and having nothing missing, in held-out log-likelihood
     (against the exact one) and in cross-modal MSE (against the Bayes MSE)."""
-    truth, test, fits = linear_gaussian_fits
+    truth, test, fits, _ = linear_gaussian_fits
     exact = truth.log_pdf(test).mean()
     bayes = np.mean([truth.bayes_mse(test, m) for m in NAMES])
     ll_gap, mse_excess = {}, {}
@@ -94,12 +94,15 @@ def test_training_on_incomplete_rows_closes_most_of_the_gap_to_complete_data(lin
         mse_excess[label] = np.mean([np.mean((p - test[m]) ** 2) for p, m in zip(predictions, NAMES)]) - bayes
     for gap in (ll_gap, mse_excess):
         assert gap["drop"] - gap["use"] >= 0.5 * (gap["drop"] - gap["full"]), gap
-    assert fits["use"].n_training_rows_["joint"] == 600
-    assert fits["use"].n_training_rows_["experts"]["a"] < 600
+    counts = fits["use"].n_training_rows_
+    observed = ~np.isnan(np.stack([linear_gaussian_fits[3][m][:, 0] for m in NAMES], axis=1))
+    several = observed.sum(1) >= 2
+    assert counts["joint"] == 600 and counts["subset"] == several.sum()
+    assert counts["experts"] == {m: (observed[:, j] & several).sum() for j, m in enumerate(NAMES)}
 
 
 def test_marginal_likelihood_of_incomplete_rows_approaches_the_exact_marginal(linear_gaussian_fits):
-    truth, test, fits = linear_gaussian_fits
+    truth, test, fits, _ = linear_gaussian_fits
     est = fits["use"]
     for observed in (("a", "b"), ("a",)):
         X = {m: (x if m in observed else np.full_like(x, np.nan)) for m, x in test.items()}
@@ -186,7 +189,10 @@ def test_stage2_terms_leave_out_what_a_row_does_not_observe():
         plain, plain_subset = stage2_terms(module, blocks, noise)
         shifted, _ = stage2_terms(module, blocks, noise, observed + 0.0)
     assert bool((experts["m1"][observed[:, 1] == 0] == 0).all())
-    assert bool((subset[6:] == 0).all())  # fewer than two modalities: no subset term
+    # a row observing one modality leaves its expert alone (the target would be the encoder's own
+    # Gaussian) and has no subset term
+    assert bool((experts["m0"][6:] == 0).all()) and bool((experts["m0"][:6] != 0).all())
+    assert bool((subset[6:] == 0).all()) and bool((subset[:6] != 0).all())
     # where a row observes everything it is the complete-data loss
     torch.testing.assert_close(experts["m0"][4:6], plain["m0"][4:6])
     torch.testing.assert_close(subset[4:6], plain_subset[4:6])
