@@ -1,6 +1,6 @@
 """Choose the HMC defaults by measurement: posterior-mean error against cost (§4.5).
 
-Setting (jnf_algorithm.md §4.5): 450 rows, latent dimension 10, a subset of two experts,
+Setting (docs/algorithm.md §4.5): 450 rows, latent dimension 10, a subset of two experts,
 each a randomly initialised MAF (2 blocks of 3 x 128; weights ~ N(0, 1.5²/fan_in), the
 log-scale rows of each MADE output layer x 0.1: shifts bend the experts into curved shapes,
 while large log-scales would stretch their product into an improper target). Each row has a

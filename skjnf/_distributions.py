@@ -18,7 +18,7 @@ __all__ = [
     "reparameterize",
 ]
 
-#: Smooth two-sided bounds of every log-variance head (jnf_algorithm.md §6).
+#: Smooth two-sided bounds of every log-variance head (docs/algorithm.md §6).
 LOG_VAR_BOUNDS = (-10.0, 10.0)
 
 _LOG_2PI = math.log(2.0 * math.pi)

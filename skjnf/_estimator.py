@@ -508,7 +508,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
                         UserWarning,
                         stacklevel=4,
                     )
-                if stage == "flows":  # freeze before the first stage-2 forward (jnf_algorithm.md §2.2)
+                if stage == "flows":  # freeze before the first stage-2 forward (docs/algorithm.md §2.2)
                     for p in joint_params:
                         p.requires_grad_(False)
                         p.grad = None
@@ -880,7 +880,11 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         if isinstance(weights, dict):
             spec = state["_spec"]
             module = _build_module(spec, None, 0)
-            module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+            weights = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
+            for key, value in module.state_dict().items():  # a 0.1 pickle has no missing-modality features
+                if ".missing_features." in key:
+                    weights.setdefault(key, value)
+            module.load_state_dict(weights)
             device = _loaded_device(state.get("device", "cpu"))
             state["module_"] = module.to(device).eval()
             state["_device"] = device

@@ -22,7 +22,7 @@ __all__ = [
     "make_flow",
 ]
 
-#: Every flow log-scale is soft-bounded to (-A, A) by A * tanh(. / A) (jnf_algorithm.md §3.4).
+#: Every flow log-scale is soft-bounded to (-A, A) by A * tanh(. / A) (docs/algorithm.md §3.4).
 LOG_SCALE_BOUND = 3.0
 
 #: Names accepted by :func:`make_flow`.
@@ -106,7 +106,7 @@ class MADE(nn.Module):
     """Masked autoencoder for distribution estimation: D inputs -> shift and raw log-scale.
 
     Outputs ``m_d`` and ``raw_d`` depend only on inputs ``z_k`` with ``k < d`` (sequential
-    degrees, jnf_algorithm.md §3.1); ``m_0`` and ``raw_0`` are pure biases.
+    degrees, docs/algorithm.md §3.1); ``m_0`` and ``raw_0`` are pure biases.
 
     Parameters
     ----------
@@ -247,7 +247,7 @@ class MAF(nn.Module):
 
     Notes
     -----
-    Consecutive blocks see opposite coordinate orders (jnf_algorithm.md §3.2), so the
+    Consecutive blocks see opposite coordinate orders (docs/algorithm.md §3.2), so the
     composite Jacobian is dense. When K is odd one more reversal restores the input order:
     the output coordinates always line up with the input ones, and the identity
     initialisation makes the whole flow the identity (``u == z``) for every K.
@@ -361,7 +361,7 @@ class AffineCoupling(nn.Module):
 
 
 class RealNVP(nn.Module):
-    """Stack of affine couplings, fast in both directions (jnf_algorithm.md §3.3).
+    """Stack of affine couplings, fast in both directions (docs/algorithm.md §3.3).
 
     A block is two coupling layers with complementary masks ``b_d = d mod 2`` and ``1 - b``,
     so every coordinate is transformed once per block. ``D = 1`` needs no special case: one

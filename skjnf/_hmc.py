@@ -28,7 +28,7 @@ __all__ = [
 #: One expert q_j(z | x_j): base mean (n, D), base log-variance (n, D) and flow f_j (z -> u).
 Expert = tuple[Tensor, Tensor, nn.Module]
 
-#: Most chains x rows simulated at once (jnf_algorithm.md §4.3 item 2: at most 2**14 on CPU);
+#: Most chains x rows simulated at once (docs/algorithm.md §4.3 item 2: at most 2**14 on CPU);
 #: rows are chunked above it. On CPU small chunks keep the MADE activations in cache: 4,000 rows
 #: given 2 of 3 modalities took 25.3 s with 2**14, 19.6 s with 2**12, 17.5 s with 2**10.
 MAX_CHAIN_ROWS_CPU = 2**10
@@ -44,7 +44,7 @@ STEP_SIZE_BOUNDS = (1e-5, 10.0)
 #: the resonances of a fixed trajectory length, which make acceptance jump up and down with ε.
 STEP_SIZE_JITTER = 0.1
 
-#: A final state with some |z_d| above this hints at an improper target (§4.2 caveat).
+#: A final state with some |z_d| above this hints at an improper target (docs/algorithm.md §4.2 caveat).
 ESCAPE_RADIUS = 10.0
 
 # Hoffman & Gelman (2014), section 3.2: dual averaging shrinks log ε towards log(10·ε₀) (a bias
@@ -104,7 +104,7 @@ def product_of_experts_log_prob(
 
     ``z`` has shape (..., n, D) and each expert's mean and log-variance (n, D); returns (..., n).
     ``divisor`` is log r: the prior N(0, I) by default (the paper's product), or the experts'
-    own marginal, the joint encoder's aggregate posterior (jnf_algorithm.md §4.2).
+    own marginal, the joint encoder's aggregate posterior (docs/algorithm.md §4.2).
     """
     log_prob = sum(expert_log_prob(z, mean, log_var, flow) for mean, log_var, flow in experts)
     return log_prob - (len(experts) - 1) * divisor(z)
@@ -408,7 +408,7 @@ def hmc_sample(
 
     Notes
     -----
-    The target is ``Σ_j log q_j(z | x_j) − (s − 1)·log N(z; 0, I)`` (jnf_algorithm.md §4.2);
+    The target is ``Σ_j log q_j(z | x_j) − (s − 1)·log N(z; 0, I)`` (docs/algorithm.md §4.2);
     one target-and-gradient evaluation per leapfrog step, cached for accepted states, so a
     chain costs ``1 + n_steps * n_leapfrog`` evaluations. Chains start from a uniformly chosen
     expert through its inverse flow; chains whose start is not finite restart at 0. Each

@@ -165,7 +165,7 @@ def test_latent_dim_one_with_three_modalities(views):
 
 
 def test_large_mean_data_is_reconstructed():
-    """No output sigmoid: features around 50 are reconstructed (jnf_algorithm.md §1.3)."""
+    """No output sigmoid: features around 50 are reconstructed (docs/algorithm.md §1.3)."""
     rng = np.random.default_rng(1)
     z = rng.normal(size=(200, 1))
     X = {"a": 50 + z @ rng.normal(size=(1, 3)), "b": 50 + z @ rng.normal(size=(1, 2))}

@@ -1,4 +1,4 @@
-"""Flow properties (jnf_algorithm.md §7, items 1-3): log-dets, invertibility, autoregression."""
+"""Flow properties (docs/algorithm.md §7, items 1-3): log-dets, invertibility, autoregression."""
 
 import itertools
 import warnings

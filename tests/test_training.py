@@ -1,4 +1,4 @@
-"""Training properties of jnf_algorithm.md §7: losses, freezing, best epoch, determinism, failures."""
+"""Training properties of docs/algorithm.md §7: losses, freezing, best epoch, determinism, failures."""
 
 import math
 

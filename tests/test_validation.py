@@ -34,6 +34,7 @@ def model():
         ({"a": np.c_[np.full(5, np.nan), np.ones(5)], "b": np.ones((5, 2))}, "Modality 'a' has NaN in only part"),
         ({"a": np.ones((1, 2)), "b": np.ones((1, 2))}, "Modality .a. is observed in 1 row.*at least 2"),
         ({1: np.ones((5, 2))}, "keys of X\\) must be strings"),
+        ({"__noise__": np.ones((5, 2)), "b": np.ones((5, 2))}, "Modality name '__noise__' is reserved"),
     ],
 )
 def test_bad_fit_input_names_the_problem(X, match):
