@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from numbers import Integral, Real
 
 import numpy as np
@@ -14,6 +14,14 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from ._fitting import (
+    TrainingSettings,
+    build_checked_module,
+    split_rows,
+    train_both_stages,
+    training_row_counts,
+    training_rows,
+)
 from ._inference import (
     SUBSET_POSTERIORS,
     HMCSettings,
@@ -22,26 +30,14 @@ from ._inference import (
     decode_in_chunks,
     frozen_inference,
     joint_log_likelihood,
-    joint_posterior,
     observed_log_likelihood,
     pattern_generator,
     pattern_groups,
     posterior_latents,
 )
-from ._likelihoods import LIKELIHOODS, make_likelihood
-from ._modules import (
-    JOINT_LOG_VAR,
-    JOINT_MEAN,
-    NETWORK_PARTS,
-    OBSERVED,
-    JNFModule,
-    choose_subset_routes,
-    stage1_loss,
-    stage2_noise_dim,
-    stage2_row_counts,
-    stage2_terms,
-)
-from ._training import NOISE_KEY, STAGES, StageModule, train_stage
+from ._likelihoods import LIKELIHOODS
+from ._modules import OBSERVED
+from ._spec import ModelSpec, build_module, model_spec
 from ._validation import Layout, ModalityData, rebuild_container, validate_X
 
 __all__ = ["JNFEstimator"]
@@ -65,23 +61,6 @@ def _resolve_device(device) -> torch.device:
     if resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"device={device!r} is not supported; use 'cpu', 'cuda' or 'auto'.")
     return resolved
-
-
-def _per_modality(value, names: Sequence[str], parameter: str, default):
-    """Expand a scalar-or-dict parameter to one value per modality; unknown names are an error."""
-    if not isinstance(value, Mapping):
-        return [value] * len(names)
-    unknown = [k for k in value if k not in names]
-    if unknown:
-        raise ValueError(f"{parameter} names unknown modality {unknown[0]!r}; modalities are {list(names)}.")
-    return [value.get(name, default) for name in names]
-
-
-def _check_widths(value, parameter: str) -> tuple[int, ...]:
-    widths = tuple(value)
-    if not all(isinstance(w, Integral) and not isinstance(w, bool) and w > 0 for w in widths):
-        raise ValueError(f"{parameter} must be a sequence of positive ints; got {value!r}.")
-    return tuple(int(w) for w in widths)
 
 
 def _seeds(random_state, n: int) -> list[int]:
@@ -402,25 +381,17 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         self : JNFEstimator
         """
         layout, data, info = validate_X(self, X, fit=True)
-        spec = self._model_spec(layout)
-        blocks, observed = _training_rows(data, layout)
-        spec["n_categories"] = _check_likelihood_data(blocks, observed, spec)
+        blocks, observed = training_rows(data, layout)
+        spec = model_spec(self.get_params(), layout, blocks, observed)
         device = _resolve_device(self.device)
         init_seed, split_seed, seed1, seed2, inference_seed = _seeds(self.random_state, 5)
-        train_rows, valid_rows = self._split(data.n_samples, split_seed)
-        train_observed = data.observed[train_rows]
-        train_blocks = {
-            m: blocks[m][train_rows][torch.from_numpy(train_observed[:, j])] for j, m in enumerate(layout.names)
-        }
-        _check_observed_in_training(train_blocks)
-        module = _build_module(spec, train_blocks, init_seed)
-        _check_contracts(module, {m: x[:2] for m, x in train_blocks.items()})
-        module = module.to(device)
+        train_rows, valid_rows = split_rows(data.n_samples, self.validation_fraction, split_seed)
+        module = build_checked_module(spec, blocks, data.observed, train_rows, init_seed).to(device)
         if observed is not None:  # incomplete rows: the observed mask travels with the blocks
-            blocks = {**blocks, OBSERVED: torch.from_numpy(data.observed.astype(np.float32))}
+            blocks = {**blocks, OBSERVED: torch.from_numpy(observed.astype(np.float32))}
         train = {m: x[train_rows].to(device) for m, x in blocks.items()}
         valid = {m: x[valid_rows].to(device) for m, x in blocks.items()} if len(valid_rows) else None
-        history = self._train(module, spec, train, valid, (seed1, seed2), device)
+        history = train_both_stages(module, spec, train, valid, self._training_settings(), (seed1, seed2), device)
         module.eval()  # from now on an inference object (user networks may hold dropout / batch norm)
         # Fitted state is assigned only now: a failed (re)fit leaves the previous one intact.
         self._layout, self._spec, self._device = layout, spec, device
@@ -432,148 +403,22 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             self.feature_names_in_ = info["feature_names_in_"]
         elif hasattr(self, "feature_names_in_"):
             del self.feature_names_in_
-        self.n_training_rows_ = _training_row_counts(data.observed, layout.names)
+        self.n_training_rows_ = training_row_counts(data.observed, layout.names)
         self.history_ = history
         self.module_ = module
         return self
 
-    def _model_spec(self, layout: Layout) -> dict:
-        """Everything needed to rebuild the networks (also used by unpickling)."""
-        names = layout.names
-        decoders = _per_modality(self.decoder, names, "decoder", "normal")
-        for name, dist in zip(names, decoders):
-            if dist not in LIKELIHOODS:
-                raise ValueError(f"decoder for modality {name!r} must be one of {sorted(LIKELIHOODS)}; got {dist!r}.")
-        scales = _per_modality(self.decoder_scale, names, "decoder_scale", "auto")
-        for name, scale in zip(names, scales):
-            if not (
-                scale in ("auto", "learn") or isinstance(scale, Real) and not isinstance(scale, bool) and scale > 0
-            ):
-                raise ValueError(
-                    f"decoder_scale for modality {name!r} must be a float > 0, 'auto' or 'learn'; got {scale!r}."
-                )
-        if self.rescale_likelihoods is True:
-            rescale = [max(layout.dims) / d for d in layout.dims]
-        elif isinstance(self.rescale_likelihoods, Mapping):
-            rescale = _per_modality(self.rescale_likelihoods, names, "rescale_likelihoods", 1.0)
-            if not all(isinstance(r, Real) and r > 0 for r in rescale):
-                raise ValueError(
-                    f"rescale_likelihoods weights must be positive numbers; got {self.rescale_likelihoods!r}."
-                )
-        else:
-            rescale = [1.0] * len(names)
-        flows = _per_modality(self.flow, names, "flow", "maf")
-        return {
-            "names": list(names),
-            "dims": list(layout.dims),
-            "shapes": [list(layout.shape(name)) for name in names],
-            "networks": _check_networks(self.networks, names),
-            "flows": flows,
-            "decoders": decoders,
-            "scales": [s if isinstance(s, str) else float(s) for s in scales],
-            "rescale": [float(r) for r in rescale],
-            "latent_dim": int(self.latent_dim),
-            "hidden_sizes": list(_check_widths(self.hidden_sizes, "hidden_sizes")),
-            "decoder_hidden_sizes": list(
-                reversed(_check_widths(self.hidden_sizes, "hidden_sizes"))
-                if self.decoder_hidden_sizes is None
-                else _check_widths(self.decoder_hidden_sizes, "decoder_hidden_sizes")
-            ),
-            "n_flow_blocks": int(self.n_flow_blocks),
-            "flow_hidden_sizes": list(_check_widths(self.flow_hidden_sizes, "flow_hidden_sizes")),
-        }
-
-    def _split(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        n_valid = math.ceil(self.validation_fraction * n)
-        if n_valid == 0 or n - n_valid < 1:
-            if self.validation_fraction > 0:
-                warnings.warn(
-                    f"validation_fraction={self.validation_fraction} leaves no validation set for {n} "
-                    "rows; the best epoch is chosen by training loss.",
-                    UserWarning,
-                    stacklevel=4,
-                )
-            return np.arange(n), np.arange(0)
-        order = np.random.default_rng(seed).permutation(n)
-        return np.sort(order[n_valid:]), np.sort(order[:n_valid])
-
-    def _train(self, module: JNFModule, spec: dict, train: dict, valid: dict | None, seeds, device) -> dict:
-        joint_params = [p for part in module.joint_parts() for p in part.parameters()]
-        history = {}
-        try:
-            for stage, epochs, seed in (("joint", self.joint_epochs, seeds[0]), ("flows", self.flow_epochs, seeds[1])):
-                if epochs == 0:
-                    warnings.warn(
-                        f"{STAGES[stage]} runs for 0 epochs: its networks stay at initialisation.",
-                        UserWarning,
-                        stacklevel=4,
-                    )
-                if stage == "flows":  # freeze before the first stage-2 forward (docs/algorithm.md §2.2)
-                    for p in joint_params:
-                        p.requires_grad_(False)
-                        p.grad = None
-                history[stage] = self._train_stage(module, stage, spec, train, valid, epochs, seed, device)
-        finally:
-            for p in joint_params:
-                p.requires_grad_(True)
-        return history
-
-    def _train_stage(self, module, stage, spec, train, valid, epochs, seed, device) -> dict:
-        shuffle_seed, noise_seed, valid_seed = np.random.SeedSequence(seed).generate_state(3)
-        noise_generator = torch.Generator(device=device).manual_seed(int(noise_seed))
-        if stage == "joint":
-            rescale, beta = spec["rescale"], float(self.beta)
-
-            def part_losses(m, b, e):
-                return [stage1_loss(m, b, e, rescale, beta, b.get(OBSERVED))]
-
-            parts, noise_dim, part_rows = [module.joint_parts()], module.latent_dim, None
-        else:
-
-            def part_losses(m, b, e):
-                experts, subset = stage2_terms(m, b, e, b.get(OBSERVED))
-                return list(experts.values()) + ([] if subset is None else [subset])
-
-            def part_rows(b):
-                return stage2_row_counts(b.get(OBSERVED), len(b[JOINT_MEAN]), len(parts))
-
-            parts, noise_dim = module.stage2_parts(), stage2_noise_dim(module)
-            train = _with_joint_posterior(module, train)
-            valid = None if valid is None else _with_joint_posterior(module, valid)
-            module.set_aggregate_posterior(train[JOINT_MEAN], train[JOINT_LOG_VAR])
-        if valid is not None:
-            n_valid = len(next(iter(valid.values())))
-            fixed = torch.Generator(device=device).manual_seed(int(valid_seed))
-            valid = {**valid, NOISE_KEY: torch.randn(n_valid, noise_dim, generator=fixed, device=device)}
-        history = train_stage(
-            StageModule(module, part_losses, parts, noise_generator, STAGES[stage], noise_dim, part_rows),
-            train,
-            valid,
-            epochs=epochs,
+    def _training_settings(self) -> TrainingSettings:
+        return TrainingSettings(
+            joint_epochs=self.joint_epochs,
+            flow_epochs=self.flow_epochs,
             lr=self.lr,
-            weight_decay=0.0 if stage == "joint" else float(self.expert_weight_decay),
-            # the subset posterior is not decayed: on small data it then fell behind single views
-            undecayed_parts=(len(parts) - 1,) if stage == "flows" and module.subset_encoder is not None else (),
+            beta=self.beta,
+            expert_weight_decay=self.expert_weight_decay,
             batch_size=self.batch_size,
             early_stopping=self.early_stopping,
-            shuffle_generator=torch.Generator().manual_seed(int(shuffle_seed)),
             verbose=self.verbose,
         )
-        if stage == "flows" and valid is not None and module.subset_encoder is not None:
-            with frozen_inference(module):
-                history["subset_routes"] = choose_subset_routes(module, valid, valid[NOISE_KEY], valid.get(OBSERVED))
-        part_epochs, part_losses_best = history.pop("part_best_epochs"), history.pop("part_best_losses")
-        if stage == "flows" and valid is not None and part_epochs:
-            # Each expert's calibration: mean held-out −log q_j(z | x_j) at its kept epoch.
-            labels = list(module.names) + (["subset"] if module.subset_encoder is not None else [])
-            history["expert_valid_loss"] = dict(zip(module.names, part_losses_best))
-            history["expert_best_epoch"] = dict(zip(module.names, part_epochs))
-            if module.subset_encoder is not None:
-                history["subset_valid_loss"], history["subset_best_epoch"] = part_losses_best[-1], part_epochs[-1]
-            if self.verbose:
-                kept = ", ".join(f"{label} {e} ({v:.2f})" for label, e, v in zip(labels, part_epochs, part_losses_best))
-                print(f"{STAGES[stage]}: kept epoch (held-out -log q) per part: {kept}")
-        return history
 
     # ------------------------------------------------------------ inference
     def _conditioning(self, cond_mod) -> np.ndarray:
@@ -727,11 +572,11 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             at the posterior-mean latent of each row.
         """
         check_is_fitted(self)
-        names = [m for m, d in zip(self.modality_names_, self._spec["decoders"]) if d in ("bernoulli", "categorical")]
+        names = [m for m, d in zip(self.modality_names_, self._spec.decoders) if d in ("bernoulli", "categorical")]
         if not names:
             raise ValueError(
                 "predict_probabilities needs a bernoulli or categorical modality; decoders are "
-                f"{dict(zip(self.modality_names_, self._spec['decoders']))}."
+                f"{dict(zip(self.modality_names_, self._spec.decoders))}."
             )
         data, z = self._posterior(X, cond_mod, None, None)
         decoded = self._decode(z, "probabilities", self._inference_seed, names)
@@ -852,6 +697,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
     def __getstate__(self):
         state = dict(super().__getstate__())
         state.pop("_device", None)
+        if isinstance(state.get("_spec"), ModelSpec):
+            state["_spec"] = state["_spec"].as_dict()
         if "module_" in state:
             state["module_"] = {k: v.detach().cpu().numpy() for k, v in self.module_.state_dict().items()}
         if "_layout" in state:
@@ -866,6 +713,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
 
     def __setstate__(self, state):
         state = dict(state)
+        if isinstance(state.get("_spec"), Mapping):  # stored as plain containers (and by 0.1)
+            state["_spec"] = ModelSpec.from_dict(state["_spec"])
         if isinstance(state.get("_layout"), dict):
             layout = state["_layout"]
             columns = layout["columns"]
@@ -878,8 +727,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             )
         weights = state.get("module_")
         if isinstance(weights, dict):
-            spec = state["_spec"]
-            module = _build_module(spec, None, 0)
+            module = build_module(state["_spec"], None, 0)
             weights = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
             for key, value in module.state_dict().items():  # a 0.1 pickle has no missing-modality features
                 if ".missing_features." in key:
@@ -930,200 +778,7 @@ def _loaded_device(device) -> torch.device:
         return torch.device("cpu")
 
 
-def _training_rows(data: ModalityData, layout: Layout) -> tuple[dict, np.ndarray | None]:
-    """The blocks fit trains on (every row) and their observed mask, None when every row is complete.
-
-    A row observing no modality, or a modality observed in fewer than two rows, is an error; two
-    modalities never observed in the same row get a warning (nothing ties their latents together
-    but the other modalities).
-    """
-    observed = data.observed
-    empty = np.flatnonzero(~observed.any(axis=1))
-    if len(empty):
-        raise ValueError(
-            f"Row(s) {empty[:10].tolist()} observe no modality (every block missing or all-NaN); fit needs "
-            "at least one observed modality per row: drop these rows."
-        )
-    for name, count in zip(layout.names, observed.sum(axis=0)):
-        if count < 2:
-            raise ValueError(
-                f"Modality {name!r} is observed in {int(count)} row(s) (n_samples = {data.n_samples}); "
-                "fit needs at least 2."
-            )
-    together = observed.T.astype(np.int64) @ observed.astype(np.int64)
-    for a, b in zip(*np.nonzero(np.triu(together == 0, k=1))):
-        warnings.warn(
-            f"Modalities {layout.names[a]!r} and {layout.names[b]!r} are never observed in the same row: "
-            "their relation is learned only through the other modalities.",
-            UserWarning,
-            stacklevel=4,
-        )
-    return dict(data.blocks), None if observed.all() else observed
-
-
-def _check_observed_in_training(train_blocks: dict) -> None:
-    for name, x in train_blocks.items():
-        if len(x) == 0:
-            raise ValueError(
-                f"Modality {name!r} is observed only in validation rows; observe it in more rows or "
-                "lower validation_fraction."
-            )
-
-
-def _training_row_counts(observed: np.ndarray, names: Sequence[str]) -> dict:
-    """Rows each part of the model learned from (training and validation rows together)."""
-    several = observed.sum(axis=1) >= 2  # experts learn from rows observing another modality too
-    counts = {
-        "joint": int(observed.any(axis=1).sum()),
-        "experts": {name: int(n) for name, n in zip(names, observed[several].sum(axis=0))},
-    }
-    if len(names) >= 3:
-        counts["subset"] = int((observed.sum(axis=1) >= 2).sum())
-    return counts
-
-
-def _check_likelihood_data(blocks: dict, observed: np.ndarray | None, spec: dict) -> list:
-    """Check each block's observed rows fit its likelihood; return the category count of code columns (else None)."""
-    n_categories = []
-    for j, (name, dist) in enumerate(zip(spec["names"], spec["decoders"])):
-        x = blocks[name] if observed is None else blocks[name][torch.from_numpy(observed[:, j])]
-        LIKELIHOODS[dist].check_data(name, x)
-        codes = dist == "categorical" and x.shape[1] == 1
-        n_categories.append(int(x.max()) + 1 if codes else None)  # from every observed row
-    return n_categories
-
-
-def _check_networks(networks, names) -> dict:
-    """Validate the ``networks`` parameter's names, parts and factories."""
-    if networks is None:
-        return {}
-    unknown = [k for k in networks if k not in names]
-    if unknown:
-        raise ValueError(f"networks names unknown modality {unknown[0]!r}; modalities are {list(names)}.")
-    for name, parts in networks.items():
-        if not isinstance(parts, Mapping):
-            raise TypeError(f"networks[{name!r}] must be a dict {{part: factory}} with parts {sorted(NETWORK_PARTS)}.")
-        for part, spec in parts.items():
-            if part not in NETWORK_PARTS:
-                raise ValueError(f"networks[{name!r}] has unknown part {part!r}; parts are {sorted(NETWORK_PARTS)}.")
-            factory = spec[0] if isinstance(spec, tuple) else spec
-            if not callable(factory) or (
-                isinstance(spec, tuple) and (len(spec) != 2 or not isinstance(spec[1], Mapping))
-            ):
-                raise TypeError(
-                    f"networks[{name!r}][{part!r}] must be a callable or (callable, kwargs dict); got {spec!r}."
-                )
-    return dict(networks)
-
-
-def _check_contracts(module: JNFModule, sample: dict) -> None:
-    """Run every network once on two rows; a broken contract is a ValueError naming modality and part."""
-    D = module.latent_dim
-    with frozen_inference(module):
-        for j, name in enumerate(module.names):
-            x = module.encoder_input(j, sample[name])
-            n = x.shape[0]
-            _expect(
-                lambda j=j, x=x: module.joint_encoder.trunks[j](x),
-                lambda h, n=n: h.dim() == 2 and h.shape[0] == n,
-                name,
-                "trunk",
-                f"features of shape ({n}, width)",
-            )
-            _expect(
-                lambda j=j, x=x: module.encoders[j](x),
-                lambda out, n=n: len(out) == 2 and all(t.shape == (n, D) for t in out),
-                name,
-                "encoder",
-                f"(mean, log_variance), each of shape ({n}, {D})",
-            )
-            n_outputs = module.likelihoods[j].n_outputs
-            for z in (torch.zeros(n, D), torch.zeros(3, n, D)):
-                _expect(
-                    lambda j=j, z=z: module.natural_parameters(j, z),
-                    lambda a, z=z, k=n_outputs: a.shape == (*z.shape[:-1], k),
-                    name,
-                    "decoder",
-                    f"natural parameters with {n_outputs} values per row, for z of shape {tuple(z.shape)}",
-                )
-            _check_flow(module.flows[j], name, D)
-
-
-def _expect(call, ok, name: str, part: str, expected: str) -> None:
-    try:
-        out = call()
-    except Exception as error:  # a user network failing on a probe batch: say which one
-        raise ValueError(
-            f"Modality {name!r}: the {part} failed on a probe batch ({error!r}); it must return {expected}."
-        ) from error
-    if not ok(out):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"Modality {name!r}: the {part} must return {expected}; got {got}.")
-
-
-def _check_flow(flow, name: str, D: int) -> None:
-    if not callable(getattr(flow, "inverse", None)):
-        raise ValueError(f"Modality {name!r}: the flow has no inverse(u) method; it must map u back to (z, log_det).")
-    z = torch.linspace(-1.0, 1.0, 2 * D).reshape(2, D)
-    _expect(
-        lambda: flow(z),
-        lambda out: len(out) == 2 and out[0].shape == (2, D) and out[1].shape == (2,),
-        name,
-        "flow",
-        f"(u, log_det) of shapes (2, {D}) and (2,) from forward(z)",
-    )
-    u, _ = flow(z)
-    _expect(
-        lambda: flow.inverse(u),
-        lambda out: len(out) == 2 and out[0].shape == (2, D),
-        name,
-        "flow",
-        f"(z, log_det) of shapes (2, {D}) and (2,) from inverse(u)",
-    )
-    if not torch.allclose(flow.inverse(u)[0], z, atol=1e-3):
-        raise ValueError(f"Modality {name!r}: the flow's inverse does not undo its forward pass.")
-
-
-def _with_joint_posterior(module: JNFModule, blocks: dict) -> dict:
-    """``blocks`` plus the frozen joint posterior of their rows (given what each observes), for stage 2."""
-    with frozen_inference(module):
-        mean, log_var = joint_posterior(module, blocks, blocks.get(OBSERVED))
-    return {**blocks, JOINT_MEAN: mean, JOINT_LOG_VAR: log_var}
-
-
 def _check_count(value, name: str) -> int:
     if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
     return int(value)
-
-
-def _build_module(spec: dict, train_blocks: dict | None, seed: int) -> JNFModule:
-    """Build the networks on CPU with a forked, seeded RNG: init never touches the global RNG.
-
-    ``train_blocks`` (training rows) set the data-dependent starts: learned scales and
-    dispersions from the features' spread, decoder biases at their means. ``None`` (unpickling)
-    builds placeholders that a state dict then overwrites.
-    """
-    names, dims = spec["names"], spec["dims"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        likelihoods = [
-            make_likelihood(dist, d, scale, None if train_blocks is None else train_blocks[name], n_categories=k)
-            for name, d, dist, scale, k in zip(names, dims, spec["decoders"], spec["scales"], spec["n_categories"])
-        ]
-        biases = None
-        if train_blocks is not None:
-            biases = [lik.natural_parameter_from_data(train_blocks[name]) for lik, name in zip(likelihoods, names)]
-        return JNFModule(
-            names,
-            [tuple(shape) for shape in spec["shapes"]],
-            likelihoods,
-            spec["latent_dim"],
-            spec["hidden_sizes"],
-            spec["flows"],
-            spec["n_flow_blocks"],
-            spec["flow_hidden_sizes"],
-            networks=spec["networks"],
-            decoder_biases=biases,
-            decoder_hidden_sizes=spec.get("decoder_hidden_sizes"),
-        )

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from _helpers import small_jnf
 
-import skjnf._estimator as estimator_module
+import skjnf._fitting as fitting
 from skjnf._hmc import _RunningVariance
 from skjnf._inference import pattern_generator
 
@@ -15,13 +15,13 @@ from skjnf._inference import pattern_generator
 def test_validation_rows_are_never_trained_on(monkeypatch):
     """Mutation caught: the validation rows also used for training."""
     X = {"a": np.arange(60, dtype=float)[:, None] * [1.0, -1.0], "b": np.ones((60, 2))}  # row ids in "a"
-    seen, original = [], estimator_module.train_stage
+    seen, original = [], fitting.train_stage
 
     def spy(stage, train, valid, **kwargs):
         seen.append((set(train["a"][:, 0].tolist()), set(valid["a"][:, 0].tolist())))
         return original(stage, train, valid, **kwargs)
 
-    monkeypatch.setattr(estimator_module, "train_stage", spy)
+    monkeypatch.setattr(fitting, "train_stage", spy)
     small_jnf(joint_epochs=1, flow_epochs=1, validation_fraction=0.2).fit(X)
     for train_ids, valid_ids in seen:
         assert not train_ids & valid_ids

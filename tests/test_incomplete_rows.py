@@ -122,14 +122,14 @@ def test_complete_rows_take_the_same_path_as_an_all_observed_mask(monkeypatch):
     X = truth.draw(200)
     params = dict(joint_epochs=5, flow_epochs=5)
     plain = _model(**params).fit(X)
-    original = estimator_module._training_rows
+    original = estimator_module.training_rows
 
     def all_observed_mask(data, layout):
         blocks, observed = original(data, layout)
         assert observed is None  # complete data: no mask by default
         return blocks, np.ones(data.observed.shape, dtype=bool)
 
-    monkeypatch.setattr(estimator_module, "_training_rows", all_observed_mask)
+    monkeypatch.setattr(estimator_module, "training_rows", all_observed_mask)
     masked = _model(**params).fit(X)
     for cond in (None, "a", ["a", "b"]):
         np.testing.assert_allclose(masked.transform(X, cond_mod=cond), plain.transform(X, cond_mod=cond), atol=1e-4)

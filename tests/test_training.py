@@ -10,7 +10,7 @@ from sklearn.exceptions import NotFittedError
 from skorch.callbacks import regularization
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import skjnf._estimator as estimator_module
+import skjnf._fitting as fitting
 import skjnf._training as training
 from skjnf._distributions import gaussian_log_prob
 from skjnf._likelihoods import Bernoulli, Laplace, Normal
@@ -123,14 +123,14 @@ def _expert_state(module):
 
 def test_stage2_leaves_the_joint_part_bit_identical(views, monkeypatch):
     X, _, _ = views
-    snapshots, original = {}, estimator_module.JNFEstimator._train_stage
+    snapshots, original = {}, fitting._train_stage
 
-    def spy(self, module, stage, *args, **kwargs):
+    def spy(module, stage, *args, **kwargs):
         if stage == "flows":  # stage 1 finished, its best weights restored
             snapshots["joint"], snapshots["experts"] = _joint_state(module), _expert_state(module)
-        return original(self, module, stage, *args, **kwargs)
+        return original(module, stage, *args, **kwargs)
 
-    monkeypatch.setattr(estimator_module.JNFEstimator, "_train_stage", spy)
+    monkeypatch.setattr(fitting, "_train_stage", spy)
     jnf = small_jnf(joint_epochs=3, flow_epochs=3, decoder={"c": "laplace"}, decoder_scale="learn").fit(X)
     after = _joint_state(jnf.module_)
     assert any("rho" in n for n in after)  # learned scales are part of the frozen state
@@ -151,7 +151,7 @@ def test_best_epoch_is_restored(views, monkeypatch):
         stages.append((stage, valid))
         return original(stage, train, valid, **kwargs)
 
-    monkeypatch.setattr(estimator_module, "train_stage", spy)
+    monkeypatch.setattr(fitting, "train_stage", spy)
     jnf = small_jnf(joint_epochs=12, flow_epochs=12, lr=3e-2).fit(X)
     for (stage, valid), key in zip(stages, ("joint", "flows")):
         with torch.no_grad():
@@ -216,7 +216,7 @@ def test_nan_in_stage2_names_the_stage(views, monkeypatch):
         experts, subset = stage2_terms(module, blocks, noise, observed)
         return {name: term * float("nan") for name, term in experts.items()}, subset
 
-    monkeypatch.setattr(estimator_module, "stage2_terms", poisoned)
+    monkeypatch.setattr(fitting, "stage2_terms", poisoned)
     with pytest.raises(FloatingPointError, match=r"stage 2 \(flows\), epoch 1, batch 1"):
         small_jnf(joint_epochs=1, flow_epochs=2).fit(X)
 
@@ -229,7 +229,7 @@ def test_keyboard_interrupt_leaves_previous_fit_intact(views, monkeypatch):
     def interrupted(module, blocks, noise, observed=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(estimator_module, "stage2_terms", interrupted)
+    monkeypatch.setattr(fitting, "stage2_terms", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fitted.set_params(random_state=3).fit(X)
     np.testing.assert_array_equal(fitted.transform(X), before)

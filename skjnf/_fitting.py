@@ -1,0 +1,222 @@
+"""What ``fit`` does between validation and the fitted attributes: choose the training rows,
+split off the validation rows, build and check the networks, and run both stages."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ._contracts import check_contracts
+from ._inference import frozen_inference, joint_posterior
+from ._modules import (
+    JOINT_LOG_VAR,
+    JOINT_MEAN,
+    OBSERVED,
+    JNFModule,
+    choose_subset_routes,
+    stage1_loss,
+    stage2_noise_dim,
+    stage2_row_counts,
+    stage2_terms,
+)
+from ._spec import ModelSpec, build_module
+from ._training import NOISE_KEY, STAGES, StageModule, train_stage
+from ._validation import Layout, ModalityData
+
+__all__ = ["TrainingSettings", "training_rows", "split_rows", "build_checked_module", "train_both_stages"]
+
+# Warnings use stacklevel=4 to point at the user's call:
+# user code -> fit's validation wrapper -> fit -> function here -> warn.
+_STACKLEVEL = 4
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The estimator parameters the two stages read."""
+
+    joint_epochs: int
+    flow_epochs: int
+    lr: float
+    beta: float
+    expert_weight_decay: float
+    batch_size: int
+    early_stopping: bool
+    verbose: int
+
+
+def training_rows(data: ModalityData, layout: Layout) -> tuple[dict, np.ndarray | None]:
+    """The blocks fit trains on (every row) and their observed mask, None when every row is complete.
+
+    A row observing no modality, or a modality observed in fewer than two rows, is an error; two
+    modalities never observed in the same row get a warning (nothing ties their latents together
+    but the other modalities).
+    """
+    observed = data.observed
+    empty = np.flatnonzero(~observed.any(axis=1))
+    if len(empty):
+        raise ValueError(
+            f"Row(s) {empty[:10].tolist()} observe no modality (every block missing or all-NaN); fit needs "
+            "at least one observed modality per row: drop these rows."
+        )
+    for name, count in zip(layout.names, observed.sum(axis=0)):
+        if count < 2:
+            raise ValueError(
+                f"Modality {name!r} is observed in {int(count)} row(s) (n_samples = {data.n_samples}); "
+                "fit needs at least 2."
+            )
+    together = observed.T.astype(np.int64) @ observed.astype(np.int64)
+    for a, b in zip(*np.nonzero(np.triu(together == 0, k=1))):
+        warnings.warn(
+            f"Modalities {layout.names[a]!r} and {layout.names[b]!r} are never observed in the same row: "
+            "their relation is learned only through the other modalities.",
+            UserWarning,
+            stacklevel=_STACKLEVEL,
+        )
+    return dict(data.blocks), None if observed.all() else observed
+
+
+def training_row_counts(observed: np.ndarray, names: Sequence[str]) -> dict:
+    """Rows each part of the model learned from (training and validation rows together)."""
+    several = observed.sum(axis=1) >= 2  # experts learn from rows observing another modality too
+    counts = {
+        "joint": int(observed.any(axis=1).sum()),
+        "experts": {name: int(n) for name, n in zip(names, observed[several].sum(axis=0))},
+    }
+    if len(names) >= 3:
+        counts["subset"] = int((observed.sum(axis=1) >= 2).sum())
+    return counts
+
+
+def split_rows(n: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows), sorted; no validation rows when the fraction leaves none."""
+    n_valid = math.ceil(validation_fraction * n)
+    if n_valid == 0 or n - n_valid < 1:
+        if validation_fraction > 0:
+            warnings.warn(
+                f"validation_fraction={validation_fraction} leaves no validation set for {n} "
+                "rows; the best epoch is chosen by training loss.",
+                UserWarning,
+                stacklevel=_STACKLEVEL,
+            )
+        return np.arange(n), np.arange(0)
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_valid:]), np.sort(order[:n_valid])
+
+
+def build_checked_module(spec: ModelSpec, blocks: dict, observed: np.ndarray, train_rows, seed: int) -> JNFModule:
+    """The networks, started from each modality's observed training rows and probed on two of them."""
+    train_observed = observed[train_rows]
+    train_blocks = {}
+    for j, name in enumerate(spec.names):
+        train_blocks[name] = blocks[name][train_rows][torch.from_numpy(train_observed[:, j])]
+        if len(train_blocks[name]) == 0:
+            raise ValueError(
+                f"Modality {name!r} is observed only in validation rows; observe it in more rows or "
+                "lower validation_fraction."
+            )
+    module = build_module(spec, train_blocks, seed)
+    check_contracts(module, {m: x[:2] for m, x in train_blocks.items()})
+    return module
+
+
+def train_both_stages(
+    module: JNFModule, spec: ModelSpec, train: dict, valid: dict | None, settings: TrainingSettings, seeds, device
+) -> dict:
+    """Stage 1, then stage 2 with the joint part frozen; returns ``{"joint": ..., "flows": ...}`` histories.
+
+    ``train`` / ``valid`` are the blocks of their rows (with ``OBSERVED`` when some row is
+    incomplete), on ``device``; the joint part's ``requires_grad`` flags are restored however
+    training ends.
+    """
+    joint_params = [p for part in module.joint_parts() for p in part.parameters()]
+    history = {}
+    try:
+        for stage, epochs, seed in (
+            ("joint", settings.joint_epochs, seeds[0]),
+            ("flows", settings.flow_epochs, seeds[1]),
+        ):
+            if epochs == 0:
+                warnings.warn(
+                    f"{STAGES[stage]} runs for 0 epochs: its networks stay at initialisation.",
+                    UserWarning,
+                    stacklevel=_STACKLEVEL,
+                )
+            if stage == "flows":  # freeze before the first stage-2 forward (docs/algorithm.md §2.2)
+                for p in joint_params:
+                    p.requires_grad_(False)
+                    p.grad = None
+            history[stage] = _train_stage(module, stage, spec, train, valid, epochs, seed, settings, device)
+    finally:
+        for p in joint_params:
+            p.requires_grad_(True)
+    return history
+
+
+def _train_stage(module, stage, spec, train, valid, epochs, seed, settings: TrainingSettings, device) -> dict:
+    shuffle_seed, noise_seed, valid_seed = np.random.SeedSequence(seed).generate_state(3)
+    noise_generator = torch.Generator(device=device).manual_seed(int(noise_seed))
+    if stage == "joint":
+        rescale, beta = spec.rescale, float(settings.beta)
+
+        def part_losses(m, b, e):
+            return [stage1_loss(m, b, e, rescale, beta, b.get(OBSERVED))]
+
+        parts, noise_dim, part_rows = [module.joint_parts()], module.latent_dim, None
+    else:
+
+        def part_losses(m, b, e):
+            experts, subset = stage2_terms(m, b, e, b.get(OBSERVED))
+            return list(experts.values()) + ([] if subset is None else [subset])
+
+        def part_rows(b):
+            return stage2_row_counts(b.get(OBSERVED), len(b[JOINT_MEAN]), len(parts))
+
+        parts, noise_dim = module.stage2_parts(), stage2_noise_dim(module)
+        train = _with_joint_posterior(module, train)
+        valid = None if valid is None else _with_joint_posterior(module, valid)
+        module.set_aggregate_posterior(train[JOINT_MEAN], train[JOINT_LOG_VAR])
+    if valid is not None:
+        n_valid = len(next(iter(valid.values())))
+        fixed = torch.Generator(device=device).manual_seed(int(valid_seed))
+        valid = {**valid, NOISE_KEY: torch.randn(n_valid, noise_dim, generator=fixed, device=device)}
+    history = train_stage(
+        StageModule(module, part_losses, parts, noise_generator, STAGES[stage], noise_dim, part_rows),
+        train,
+        valid,
+        epochs=epochs,
+        lr=settings.lr,
+        weight_decay=0.0 if stage == "joint" else float(settings.expert_weight_decay),
+        # the subset posterior is not decayed: on small data it then fell behind single views
+        undecayed_parts=(len(parts) - 1,) if stage == "flows" and module.subset_encoder is not None else (),
+        batch_size=settings.batch_size,
+        early_stopping=settings.early_stopping,
+        shuffle_generator=torch.Generator().manual_seed(int(shuffle_seed)),
+        verbose=settings.verbose,
+    )
+    if stage == "flows" and valid is not None and module.subset_encoder is not None:
+        with frozen_inference(module):
+            history["subset_routes"] = choose_subset_routes(module, valid, valid[NOISE_KEY], valid.get(OBSERVED))
+    part_epochs, part_losses_best = history.pop("part_best_epochs"), history.pop("part_best_losses")
+    if stage == "flows" and valid is not None and part_epochs:
+        # Each expert's calibration: mean held-out −log q_j(z | x_j) at its kept epoch.
+        labels = list(module.names) + (["subset"] if module.subset_encoder is not None else [])
+        history["expert_valid_loss"] = dict(zip(module.names, part_losses_best))
+        history["expert_best_epoch"] = dict(zip(module.names, part_epochs))
+        if module.subset_encoder is not None:
+            history["subset_valid_loss"], history["subset_best_epoch"] = part_losses_best[-1], part_epochs[-1]
+        if settings.verbose:
+            kept = ", ".join(f"{label} {e} ({v:.2f})" for label, e, v in zip(labels, part_epochs, part_losses_best))
+            print(f"{STAGES[stage]}: kept epoch (held-out -log q) per part: {kept}")
+    return history
+
+
+def _with_joint_posterior(module: JNFModule, blocks: dict) -> dict:
+    """``blocks`` plus the frozen joint posterior of their rows (given what each observes), for stage 2."""
+    with frozen_inference(module):
+        mean, log_var = joint_posterior(module, blocks, blocks.get(OBSERVED))
+    return {**blocks, JOINT_MEAN: mean, JOINT_LOG_VAR: log_var}
