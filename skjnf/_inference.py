@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ._distributions import gaussian_log_prob, reparameterize, std_normal_log_prob
 from ._hmc import hmc_sample, product_of_experts_log_prob
-from ._modules import JNFModule, joint_log_weights
+from ._modules import JNFModule
 
 __all__ = [
     "SUBSET_POSTERIORS",
@@ -327,21 +327,42 @@ def _progress_bar(description: str):
     return update
 
 
-def joint_log_likelihood(module: JNFModule, blocks: dict[str, Tensor], n_samples: int, generator) -> Tensor:
-    """Importance-weighted log p̂(X) per row (float64), noise (K, D) shared by all rows."""
-    mean, log_var = joint_posterior(module, blocks)
-    n, device = mean.shape[0], mean.device
-    noise = torch.randn(n_samples, module.latent_dim, generator=generator, device=device)
+def _importance_log_likelihood(
+    module: JNFModule, blocks: dict[str, Tensor], names: Sequence[str], n_samples: int, generator, propose
+) -> Tensor:
+    """log p̂(x_names) per row (float64): logmeanexp_k of log w_k = Σ_m log p(x_m | z_k) + log p(z_k)
+    − log q(z_k), the z_k drawn by ``propose(rows, noise)`` -> (z (k, r, D), log q(z) (k, r)).
+
+    The base noise (K, 1, D) is shared by all rows, so a row's estimate never depends on its
+    batch mates; rows and draws go in chunks, so memory stays bounded in n and K.
+    """
+    n, D = len(next(iter(blocks.values()))), module.latent_dim
+    device = next(iter(blocks.values())).device
+    noise = torch.randn(n_samples, 1, D, generator=generator, device=device)
     out = torch.empty(n, dtype=torch.float64, device=device)
     k_step = min(n_samples, DECODE_BATCH_ELEMENTS.get(device.type, DECODE_BATCH_ELEMENTS["cuda"]))
     for part in _row_chunks(n, k_step, device, DECODE_BATCH_ELEMENTS):
-        sub = {name: x[part] for name, x in blocks.items()}
-        acc = torch.full((mean[part].shape[0],), -math.inf, dtype=torch.float64, device=device)
+        acc = None
         for k in range(0, n_samples, k_step):
-            log_w = joint_log_weights(module, sub, mean[part], log_var[part], noise[k : k + k_step])
-            acc = torch.logaddexp(acc, torch.logsumexp(log_w.double(), dim=0))
+            z, log_q = propose(part, noise[k : k + k_step])
+            log_w = std_normal_log_prob(z) - log_q
+            for name in names:
+                log_w = log_w + module.log_likelihood(name, blocks[name][part], z)
+            chunk = torch.logsumexp(log_w.double(), dim=0)
+            acc = chunk if acc is None else torch.logaddexp(acc, chunk)
         out[part] = acc - math.log(n_samples)
     return out
+
+
+def joint_log_likelihood(module: JNFModule, blocks: dict[str, Tensor], n_samples: int, generator) -> Tensor:
+    """Importance-weighted log p̂(X) per row (float64), the joint posterior as the proposal."""
+    mean, log_var = joint_posterior(module, blocks)
+
+    def propose(part: slice, noise: Tensor) -> tuple[Tensor, Tensor]:
+        z = reparameterize(mean[part], log_var[part], noise)
+        return z, gaussian_log_prob(z, mean[part], log_var[part])
+
+    return _importance_log_likelihood(module, blocks, module.names, n_samples, generator, propose)
 
 
 def observed_log_likelihood(
@@ -350,30 +371,19 @@ def observed_log_likelihood(
     """Importance-weighted log p̂(x_O) per row (float64) of rows observing only ``cond`` (1..M-1).
 
     The proposal is the flow posterior given ``cond`` (:func:`flow_posterior`): trained to cover
-    the joint posterior, it is mass-covering, as an importance proposal should be. log w =
-    Σ_{m∈O} log p(x_m | z) + log p(z) − log q(z | x_O), with q's density from the inverse pass
-    that drew z; base noise (K, D) is shared by all rows, so a row's score never depends on its
-    batch mates.
+    the joint posterior, it is mass-covering, as an importance proposal should be; q's density
+    comes from the inverse pass that drew z.
     """
     encode, flow = flow_posterior(module, blocks, cond)
-    n, D = len(next(iter(blocks.values()))), module.latent_dim
-    device = next(iter(blocks.values())).device
-    noise = torch.randn(n_samples, 1, D, generator=generator, device=device)
-    out = torch.empty(n, dtype=torch.float64, device=device)
-    k_step = min(n_samples, DECODE_BATCH_ELEMENTS.get(device.type, DECODE_BATCH_ELEMENTS["cuda"]))
-    for part in _row_chunks(n, k_step, device, DECODE_BATCH_ELEMENTS):
+    D = module.latent_dim
+
+    def propose(part: slice, noise: Tensor) -> tuple[Tensor, Tensor]:
         mean, log_var = encode(part)
-        acc = torch.full((len(mean),), -math.inf, dtype=torch.float64, device=device)
-        for k in range(0, n_samples, k_step):
-            u = reparameterize(mean, log_var, noise[k : k + k_step])  # (k, r, D)
-            z, log_det = flow.inverse(u.reshape(-1, D))
-            z, log_det = z.reshape(u.shape), log_det.reshape(u.shape[:-1])
-            log_w = std_normal_log_prob(z) - (gaussian_log_prob(u, mean, log_var) - log_det)
-            for name in cond:
-                log_w = log_w + module.log_likelihood(name, blocks[name][part], z)
-            acc = torch.logaddexp(acc, torch.logsumexp(log_w.double(), dim=0))
-        out[part] = acc - math.log(n_samples)
-    return out
+        u = reparameterize(mean, log_var, noise)  # (k, r, D)
+        z, log_det = flow.inverse(u.reshape(-1, D))
+        return z.reshape(u.shape), gaussian_log_prob(u, mean, log_var) - log_det.reshape(u.shape[:-1])
+
+    return _importance_log_likelihood(module, blocks, cond, n_samples, generator, propose)
 
 
 def conditional_log_likelihood(

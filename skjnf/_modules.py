@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from ._distributions import (
     expert_log_prob,
-    gaussian_log_prob,
     reparameterize,
     softclamp,
     std_normal_log_prob,
@@ -525,17 +524,6 @@ def stage2_loss(module: JNFModule, blocks: dict[str, Tensor], noise: Tensor) -> 
 def stage2_noise_dim(module: JNFModule) -> int:
     """Columns of stage-2 noise per row: the latent draw, plus ``SUBSET_DRAWS`` random subsets when M >= 3."""
     return module.latent_dim + (SUBSET_DRAWS * (len(module.names) + 1) if module.subset_encoder is not None else 0)
-
-
-def joint_log_weights(
-    module: JNFModule, blocks: dict[str, Tensor], mean: Tensor, log_var: Tensor, noise: Tensor
-) -> Tensor:
-    """log w_k = Σ_m log p(x_m | z_k) + log N(z_k; 0, I) − log q(z_k | X), for noise (K, D) shared by rows."""
-    z = reparameterize(mean, log_var, noise[:, None, :])  # (K, n, D)
-    log_w = std_normal_log_prob(z) - gaussian_log_prob(z, mean, log_var)
-    for name in module.names:
-        log_w = log_w + module.log_likelihood(name, blocks[name], z)
-    return log_w
 
 
 @torch.no_grad()
