@@ -29,12 +29,13 @@ def softclamp(a: Tensor, low: float = LOG_VAR_BOUNDS[0], high: float = LOG_VAR_B
     return low + F.softplus(high - F.softplus(high - a) - low)
 
 
+def inverse_softplus(y: Tensor) -> Tensor:
+    """The x with softplus(x) = y, for y > 0 (stable for small and large y)."""
+    return y + torch.log(-torch.expm1(-y))
+
+
 def inverse_softclamp(y: Tensor, low: float = LOG_VAR_BOUNDS[0], high: float = LOG_VAR_BOUNDS[1]) -> Tensor:
     """Inverse of :func:`softclamp` for ``low < y < high``."""
-
-    def inverse_softplus(v: Tensor) -> Tensor:
-        return v + torch.log(-torch.expm1(-v))
-
     return high - inverse_softplus(high - inverse_softplus(y - low) - low)
 
 

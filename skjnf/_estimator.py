@@ -12,7 +12,7 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_array, check_is_fitted
 
 from ._fitting import (
     TrainingSettings,
@@ -38,7 +38,7 @@ from ._inference import (
 from ._likelihoods import LIKELIHOODS
 from ._modules import OBSERVED
 from ._spec import ModelSpec, build_module, model_spec
-from ._validation import Layout, ModalityData, rebuild_container, validate_X
+from ._validation import Layout, ModalityData, check_int, rebuild_container, validate_X
 
 __all__ = ["JNFEstimator"]
 
@@ -526,7 +526,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             the rows that ran HMC; None if none did), ``"n_divergent"`` (post-burn-in divergent
             trajectories) and ``"escaped_rows"`` (rows whose chains ended outside [-10, 10]^D).
         """
-        n_samples = _check_count(n_samples, "n_samples")
+        n_samples = check_int(n_samples, "n_samples")
         stats = HMCStats()
         data, z = self._posterior(X, cond_mod, n_samples, random_state, stats)
         z = z.astype(data.dtype, copy=False)
@@ -551,6 +551,13 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
     def predict(self, X, cond_mod=None):
         """Reconstruct every modality from the conditioning ones (imputes missing modalities).
 
+        Parameters
+        ----------
+        X : dict of array-like, or array-like of shape (n_samples, n_features)
+            Missing modalities are absent keys or all-NaN rows of a block.
+        cond_mod : str, list of str or None, default=None
+            Modalities to condition on (intersected with those observed in each row).
+
         Returns
         -------
         X_pred : same container type as X
@@ -561,8 +568,41 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         decoded = {m: x.astype(data.dtype, copy=False) for m, x in decoded.items()}
         return rebuild_container(decoded, self._layout, data.container)
 
+    def inverse_transform(self, Z):
+        """Decode latents into every modality: the point prediction of each likelihood at z.
+
+        ``inverse_transform(transform(X))`` equals ``predict(X)`` for the default ``latent="mean"``.
+
+        Parameters
+        ----------
+        Z : array-like of shape (n_samples, latent_dim)
+
+        Returns
+        -------
+        X_decoded : dict or ndarray
+            A dict of (n_samples, width) arrays by modality, or one (n_samples, n_features_in_)
+            array when fitted on 2-D input.
+        """
+        check_is_fitted(self)
+        Z = check_array(Z, dtype=[np.float32, np.float64])
+        if Z.shape[1] != self.latent_dim:
+            raise ValueError(f"Z has {Z.shape[1]} columns; JNFEstimator's latent_dim is {self.latent_dim}.")
+        decoded = self._decode(Z, "predict", self._inference_seed)
+        decoded = {m: x.astype(Z.dtype, copy=False) for m, x in decoded.items()}
+        return rebuild_container(decoded, self._layout, self._fitted_container())
+
+    def _fitted_container(self) -> dict:
+        """The container of fit's input: a dict, or one 2-D array."""
+        return {"kind": "mapping", "type": dict} if self._layout.columns is None else {"kind": "array"}
+
     def predict_probabilities(self, X, cond_mod=None):
         """Probabilities of the bernoulli and categorical modalities, given the conditioning ones.
+
+        Parameters
+        ----------
+        X : dict of array-like, or array-like of shape (n_samples, n_features)
+        cond_mod : str, list of str or None, default=None
+            Modalities to condition on (intersected with those observed in each row).
 
         Returns
         -------
@@ -602,23 +642,20 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             (n_samples, n_rows, width) per modality (a dict), or (n_samples, n_rows, n_features_in_).
         """
         check_is_fitted(self)
-        n_samples = _check_count(n_samples, "n_samples")
+        n_samples = check_int(n_samples, "n_samples")
         seed = self._call_seed(random_state)
         if X is None:
             generator = torch.Generator().manual_seed(seed)
             z = torch.randn(n_samples, self.latent_dim, generator=generator).numpy()
             decoded = self._decode(z, "sample" if add_noise else "mean", seed + 1)
-            container = {"kind": "mapping", "type": dict} if self._layout.columns is None else {"kind": "array"}
-            return rebuild_container(decoded, self._layout, container)
+            return rebuild_container(decoded, self._layout, self._fitted_container())
         data, z = self._posterior(X, cond_mod, n_samples, random_state)
         decoded = self._decode(z, "sample" if add_noise else "mean", seed + 1)
         decoded = {m: x.astype(data.dtype, copy=False) for m, x in decoded.items()}
-        if self._layout.columns is None or data.container["kind"] == "mapping":
-            return {m: x.reshape(*x.shape[:-1], *self._layout.shape(m)) for m, x in decoded.items()}
-        out = np.empty((n_samples, data.n_samples, self.n_features_in_), dtype=data.dtype)
-        for name, cols in zip(self._layout.names, self._layout.columns):
-            out[..., cols] = decoded[name]
-        return out
+        as_dict = self._layout.columns is None or data.container["kind"] == "mapping"
+        return rebuild_container(
+            decoded, self._layout, {"kind": "mapping", "type": dict} if as_dict else {"kind": "array"}
+        )
 
     def score_samples(self, X, cond_mod=None):
         """Estimated log-likelihood of each row.
@@ -677,6 +714,13 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
     def score(self, X, y=None):
         """Mean estimated log-likelihood of the rows (higher is better).
 
+        Parameters
+        ----------
+        X : dict of array-like, or array-like of shape (n_samples, n_features)
+            Rows may miss modalities (see ``score_samples``).
+        y : None
+            Ignored.
+
         Returns
         -------
         score : float
@@ -685,6 +729,11 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
 
     def get_feature_names_out(self, input_features=None):
         """Names of the latent coordinates: ``jnf0 .. jnf{latent_dim-1}``.
+
+        Parameters
+        ----------
+        input_features : array-like of str or None, default=None
+            Ignored (the output names do not depend on the input's).
 
         Returns
         -------
@@ -776,9 +825,3 @@ def _loaded_device(device) -> torch.device:
             f"device={device!r} is not available here; the model was loaded on CPU.", UserWarning, stacklevel=2
         )
         return torch.device("cpu")
-
-
-def _check_count(value, name: str) -> int:
-    if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
-    return int(value)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._validation import check_int
+
 __all__ = [
     "LOG_SCALE_BOUND",
     "FLOW_NAMES",
@@ -36,8 +38,7 @@ def bounded_log_scale(raw: Tensor, bound: float = LOG_SCALE_BOUND) -> Tensor:
 
 def _check_sizes(latent_dim: int, hidden_sizes: Sequence[int]) -> tuple[int, ...]:
     """Validate the flow dimensions and return the hidden widths as a tuple."""
-    if int(latent_dim) != latent_dim or latent_dim < 1:
-        raise ValueError(f"latent_dim must be an integer >= 1, got {latent_dim!r}.")
+    check_int(latent_dim, "latent_dim")
     widths = tuple(int(w) for w in hidden_sizes)
     if any(w < 1 for w in widths):
         raise ValueError(f"flow hidden sizes must be integers >= 1, got {tuple(hidden_sizes)!r}.")
@@ -464,8 +465,7 @@ def make_flow(
     if name not in FLOW_NAMES:
         accepted = ", ".join(repr(n) for n in FLOW_NAMES)
         raise ValueError(f"Unknown flow {name!r}; accepted flows are {accepted}.")
-    if int(n_blocks) != n_blocks or n_blocks < 0:
-        raise ValueError(f"The number of flow blocks must be an integer >= 0, got {n_blocks!r}.")
+    check_int(n_blocks, "n_flow_blocks", minimum=0)
     _check_sizes(latent_dim, hidden_sizes)
     if n_blocks == 0:
         return IdentityFlow()

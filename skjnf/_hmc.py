@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ._distributions import expert_log_prob, std_normal_log_prob
+from ._validation import check_int
 
 __all__ = [
     "Expert",
@@ -348,8 +349,7 @@ def _check_arguments(
                 f"of expert 0; got {tuple(mean.shape)} and {tuple(log_var.shape)}."
             )
     for name, value in [("n_chains", n_chains), ("n_steps", n_steps), ("n_leapfrog", n_leapfrog)]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
+        check_int(value, name)
     if step_size == "auto":
         return
     if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not 0 < step_size < math.inf:

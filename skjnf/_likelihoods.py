@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._distributions import inverse_softplus
+
 __all__ = [
     "LIKELIHOODS",
     "Likelihood",
@@ -34,10 +36,6 @@ TOTAL_COUNT_FLOOR = 1e-4
 TOTAL_COUNT_INIT_RANGE = (1e-2, 1e4)
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-
-
-def _inverse_softplus(y: Tensor) -> Tensor:
-    return y + torch.log(-torch.expm1(-y))
 
 
 def _is_count(x: Tensor) -> Tensor:
@@ -149,7 +147,7 @@ class _LocationScale(Likelihood):
             std = torch.where(data_std > 0, data_std, torch.ones_like(data_std))
             floor = torch.where(data_std > 0, SCALE_FLOOR_FRACTION * data_std, torch.full_like(data_std, 1e-3))
             self.register_buffer("floor", floor.float())
-            self.rho = nn.Parameter(_inverse_softplus((std - floor).float()))
+            self.rho = nn.Parameter(inverse_softplus((std - floor).float()))
         else:
             self.register_buffer("fixed_scale", scale.float())
 
@@ -377,7 +375,7 @@ class NegativeBinomial(_Count):
 
     def __init__(self, total_count: Tensor):
         super().__init__(total_count.numel())
-        self.rho = nn.Parameter(_inverse_softplus((total_count - TOTAL_COUNT_FLOOR).float()))
+        self.rho = nn.Parameter(inverse_softplus((total_count - TOTAL_COUNT_FLOOR).float()))
 
     @classmethod
     def from_data(cls, width: int, scale, train_block: Tensor) -> NegativeBinomial:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 
 import numpy as np
 import scipy.sparse as sp
@@ -48,6 +49,13 @@ class ModalityData:
     @property
     def n_samples(self) -> int:
         return self.observed.shape[0]
+
+
+def check_int(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int, if it is an integer (not a bool) >= ``minimum``; else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}.")
+    return int(value)
 
 
 def _describe(spec) -> str:
@@ -309,7 +317,8 @@ def _validate_mapping(estimator, X: Mapping, *, fit: bool):
 
 
 def rebuild_container(arrays: dict[str, np.ndarray], layout: Layout, container: dict):
-    """Put per-modality outputs back into the container type the user passed."""
+    """Put per-modality outputs (rows last but one: (..., n, width)) back into the container type
+    the user passed; a DataFrame only for 2-D outputs."""
     if container["kind"] == "mapping":
         arrays = {m: x.reshape(*x.shape[:-1], *layout.shape(m)) for m, x in arrays.items()}
         kind = container["type"]
@@ -319,11 +328,10 @@ def rebuild_container(arrays: dict[str, np.ndarray], layout: Layout, container: 
             except TypeError:
                 pass
         return dict(arrays)
-    n = next(iter(arrays.values())).shape[0]
     first = next(iter(arrays.values()))
-    out = np.empty((n, sum(layout.dims)), dtype=first.dtype)
+    out = np.empty((*first.shape[:-1], sum(layout.dims)), dtype=first.dtype)  # leading dims: draws, rows
     for modality, cols in zip(layout.names, layout.columns):
-        out[:, cols] = arrays[modality]
+        out[..., cols] = arrays[modality]
     if container["kind"] == "dataframe":
         import pandas as pd
 
