@@ -258,7 +258,7 @@ def decode_mean(est, z: np.ndarray) -> dict:
     try:
         with torch.no_grad():
             latent = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
-            return {m: module.decoder_mean(m, latent).numpy() for m in est.modality_names_}
+            return {m: module.decode(m, latent).mean().numpy() for m in est.modality_names_}
     finally:
         module.train(was_training)
 

@@ -536,16 +536,15 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         """Decode latents into each modality's ``output``: "mean", "predict", "probabilities" or "sample"."""
         generator = torch.Generator(device=self._device).manual_seed(seed)
         latent = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(self._device)
-        module, out = self.module_, {}
-        decode = {
-            "mean": module.decoder_mean,
-            "predict": module.decoder_predict,
-            "probabilities": module.decoder_probabilities,
-            "sample": lambda name, latent: module.decoder_sample(name, latent, generator),
-        }[output]
-        with frozen_inference(module):
+
+        def read(decoded):
+            return decoded.sample(generator) if output == "sample" else getattr(decoded, output)()
+
+        out = {}
+        with frozen_inference(self.module_):
             for name in names or self.modality_names_:
-                out[name] = decode_in_chunks(lambda z, name=name: decode(name, z), latent).cpu().numpy()
+                out[name] = decode_in_chunks(lambda z, name=name: read(self.module_.decode(name, z)), latent)
+                out[name] = out[name].cpu().numpy()
         return out
 
     def predict(self, X, cond_mod=None):

@@ -187,26 +187,96 @@ def _supported_mean(module: JNFModule, draws: Tensor, fallback: Callable[[], Ten
     return torch.where((count > 0)[:, None], mean, fallback())
 
 
-def _flow_posterior(
-    module: JNFModule, encode, flow, n: int, n_draws: int | None, n_mean_samples: int, generator
-) -> Tensor:
-    """Mean (n, D) or draws (n_draws, n, D) of a flow posterior whose base ``encode(rows)`` gives.
+class JointPosterior:
+    """q(z | X) of complete rows: the joint encoder's Gaussian."""
 
-    The mean averages ``n_mean_samples`` draws inside the aggregate posterior's support
-    (:func:`_supported_mean`); a row with none falls back to f⁻¹ of its base mean.
-    """
-    device, D = generator.device, module.latent_dim
-    if n_draws is None:  # common random numbers: a row's mean never depends on its batch mates
+    def __init__(self, module: JNFModule, blocks: dict[str, Tensor]):
+        self.loc, self.log_var = joint_posterior(module, blocks)
+
+    def mean(self, n_mean_samples: int, generator) -> Tensor:
+        return self.loc
+
+    def sample(self, n_draws: int, generator) -> Tensor:
+        noise = torch.randn(n_draws, *self.loc.shape, generator=generator, device=self.loc.device)
+        return reparameterize(self.loc, self.log_var, noise)
+
+    def propose(self, part: slice, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """Draws of rows ``part`` from base noise (k, 1, D), with their log-density: ((k, r, D), (k, r))."""
+        z = reparameterize(self.loc[part], self.log_var[part], noise)
+        return z, gaussian_log_prob(z, self.loc[part], self.log_var[part])
+
+
+class FlowPosterior:
+    """A flow posterior: z = f⁻¹(u), u ~ N(μ, σ²) from ``encode(rows)`` (a slice of rows); one
+    expert's, or the subset posterior's. Computed in row chunks: memory bounded in n."""
+
+    def __init__(self, module: JNFModule, encode: Callable[[slice], tuple[Tensor, Tensor]], flow, n: int):
+        self.module, self.encode, self.flow, self.n = module, encode, flow, n
+
+    def mean(self, n_mean_samples: int, generator) -> Tensor:
+        """Mean of ``n_mean_samples`` draws inside the aggregate posterior's support
+        (:func:`_supported_mean`); a row with none falls back to f⁻¹ of its base mean. The noise
+        is shared by all rows (common random numbers): a row's mean never depends on its batch mates."""
+        device, D = generator.device, self.module.latent_dim
         noise = torch.randn(n_mean_samples, 1, D, generator=generator, device=device)
         chunks = []
-        for part in _row_chunks(n, n_mean_samples, device):
-            base = encode(part)
-            draws = _flow_draws(base, flow, noise)
-            chunks.append(_supported_mean(module, draws, lambda base=base: flow.inverse(base[0])[0]))
+        for part in _row_chunks(self.n, n_mean_samples, device):
+            base = self.encode(part)
+            draws = _flow_draws(base, self.flow, noise)
+            chunks.append(_supported_mean(self.module, draws, lambda base=base: self.flow.inverse(base[0])[0]))
         return torch.cat(chunks)
-    noise = torch.randn(n_draws, n, D, generator=generator, device=device)
-    chunks = [_flow_draws(encode(part), flow, noise[:, part]) for part in _row_chunks(n, n_draws, device)]
-    return torch.cat(chunks, dim=1)
+
+    def sample(self, n_draws: int, generator) -> Tensor:
+        device, D = generator.device, self.module.latent_dim
+        noise = torch.randn(n_draws, self.n, D, generator=generator, device=device)
+        chunks = [
+            _flow_draws(self.encode(part), self.flow, noise[:, part]) for part in _row_chunks(self.n, n_draws, device)
+        ]
+        return torch.cat(chunks, dim=1)
+
+    def propose(self, part: slice, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """Draws of rows ``part`` from base noise (k, 1, D), with their log-density from the same
+        inverse pass: log q(z) = log N(u; μ, σ²) − log|det dz/du|."""
+        mean, log_var = self.encode(part)
+        u = reparameterize(mean, log_var, noise)  # (k, r, D)
+        z, log_det = self.flow.inverse(u.reshape(-1, u.shape[-1]))
+        return z.reshape(u.shape), gaussian_log_prob(u, mean, log_var) - log_det.reshape(u.shape[:-1])
+
+
+class HMCPosterior:
+    """A subset posterior known up to a constant, sampled by HMC from the experts (``method``:
+    "product", "product_prior" or "generative"; see :func:`_subset_log_target`)."""
+
+    def __init__(self, module, blocks, cond, method: str, hmc: HMCSettings, stats: HMCStats, rows, progress: bool):
+        self.experts = []
+        for name in cond:
+            mean, log_var = module.expert_posterior(name, blocks[name])
+            self.experts.append((mean, log_var, module.flows[module.index(name)]))
+        self.log_target = _subset_log_target(module, blocks, cond, self.experts, method)
+        self.hmc, self.stats, self.rows = hmc, stats, rows
+        self.progress = _progress_bar(f"HMC on {len(rows)} rows given {list(cond)}") if progress else None
+
+    def _run(self, n_chains: int, generator):
+        hmc = self.hmc
+        result = hmc_sample(
+            self.experts,
+            n_chains,
+            hmc.n_steps,
+            hmc.n_leapfrog,
+            hmc.step_size,
+            generator,
+            progress=self.progress,
+            log_target=self.log_target,
+        )
+        self.stats.add(result, self.rows)
+        return result
+
+    def mean(self, n_mean_samples: int, generator) -> Tensor:
+        """The mean of the kept positions of ``hmc.n_chains`` chains (the settings size them)."""
+        return self._run(self.hmc.n_chains, generator).mean
+
+    def sample(self, n_draws: int, generator) -> Tensor:
+        return self._run(n_draws, generator).draws
 
 
 def _subset_log_target(module: JNFModule, blocks: dict[str, Tensor], cond: Sequence[str], experts, method: str):
@@ -236,13 +306,13 @@ def _subset_route(module: JNFModule, cond: Sequence[str]) -> list[str]:
     return [m for j, m in enumerate(module.names) if used >> j & 1]
 
 
-def flow_posterior(module: JNFModule, blocks: dict[str, Tensor], cond: Sequence[str]):
-    """``(encode, flow)`` of the flow posterior given 1..M-1 modalities ``cond``: ``encode(rows)``
-    gives the base Gaussian (mean, log-variance) of those rows (a slice), ``flow`` maps z to the base.
+def flow_posterior(module: JNFModule, blocks: dict[str, Tensor], cond: Sequence[str]) -> FlowPosterior:
+    """The flow posterior given 1..M-1 modalities ``cond``.
 
     One modality: its expert. More: the subset encoder and its flow, or, where
     :func:`choose_subset_routes` found a subset of ``cond`` fitting held-out rows better, that one's.
     """
+    n = len(next(iter(blocks.values())))
     cond = _subset_route(module, cond) if len(cond) > 1 else list(cond)
     if len(cond) == 1:
         name = cond[0]
@@ -250,14 +320,40 @@ def flow_posterior(module: JNFModule, blocks: dict[str, Tensor], cond: Sequence[
         def encode(part: slice) -> tuple[Tensor, Tensor]:
             return module.expert_posterior(name, blocks[name][part])
 
-        return encode, module.flows[module.index(name)]
+        return FlowPosterior(module, encode, module.flows[module.index(name)], n)
     mask = torch.tensor([[float(m in cond) for m in module.names]], device=next(iter(blocks.values())).device)
 
     def encode(part: slice) -> tuple[Tensor, Tensor]:
         sub = {m: blocks[m][part] for m in cond}
         return module.subset_posterior(sub, mask.expand(len(next(iter(sub.values()))), -1))
 
-    return encode, module.subset_flow
+    return FlowPosterior(module, encode, module.subset_flow, n)
+
+
+def posterior(
+    module: JNFModule,
+    blocks: dict[str, Tensor],
+    cond: Sequence[str],
+    *,
+    subset_posterior: str,
+    hmc: HMCSettings,
+    stats: HMCStats,
+    rows: np.ndarray,
+    progress: bool = False,
+):
+    """The posterior of the rows in ``blocks`` (one observed pattern) given ``cond``, an object
+    with ``mean(n_mean_samples, generator)`` (n, D) and ``sample(n_draws, generator)`` (n_draws, n, D).
+
+    ``cond`` = every modality: the joint encoder; one: that expert through its flow; otherwise
+    ``subset_posterior``: "amortized", the subset encoder through its flow; else HMC on the
+    product of experts divided by the aggregate posterior ("product") or by the prior
+    ("product_prior", the paper's), or on the decoders' posterior ("generative").
+    """
+    if len(cond) == len(module.names):
+        return JointPosterior(module, blocks)
+    if len(cond) == 1 or subset_posterior == "amortized":
+        return flow_posterior(module, blocks, cond)
+    return HMCPosterior(module, blocks, cond, subset_posterior, hmc, stats, rows, progress)
 
 
 def posterior_latents(
@@ -274,42 +370,12 @@ def posterior_latents(
     progress: bool = False,
     subset_posterior: str = "amortized",
 ) -> Tensor:
-    """Posterior mean (``n_draws=None``, shape (n, D)) or draws (n_draws, n, D) given ``cond``.
-
-    ``cond`` = every modality: the joint encoder; one: that expert through its flow; otherwise
-    ``subset_posterior``: "amortized", the subset encoder through its flow; else HMC on the
-    product of experts divided by the aggregate posterior ("product") or by the prior
-    ("product_prior", the paper's), or on the decoders' posterior ("generative").
-    ``blocks`` holds the rows of one observed pattern.
-    """
-    n, D = len(rows), module.latent_dim
-    device = next(iter(blocks.values())).device
-    if len(cond) == len(module.names):
-        mean, log_var = joint_posterior(module, blocks)
-        if n_draws is None:
-            return mean
-        noise = torch.randn(n_draws, n, D, generator=generator, device=device)
-        return reparameterize(mean, log_var, noise)
-    if len(cond) == 1 or subset_posterior == "amortized":
-        encode, flow = flow_posterior(module, blocks, cond)
-        return _flow_posterior(module, encode, flow, n, n_draws, n_mean_samples, generator)
-    experts = []
-    for name in cond:
-        mean, log_var = module.expert_posterior(name, blocks[name])
-        experts.append((mean, log_var, module.flows[module.index(name)]))
-    n_chains = hmc.n_chains if n_draws is None else n_draws
-    result = hmc_sample(
-        experts,
-        n_chains,
-        hmc.n_steps,
-        hmc.n_leapfrog,
-        hmc.step_size,
-        generator,
-        progress=_progress_bar(f"HMC on {n} rows given {cond}") if progress else None,
-        log_target=_subset_log_target(module, blocks, cond, experts, subset_posterior),
+    """Posterior mean (``n_draws=None``, shape (n, D)) or draws (n_draws, n, D) given ``cond``,
+    from :func:`posterior`; ``blocks`` holds the rows of one observed pattern."""
+    found = posterior(
+        module, blocks, cond, subset_posterior=subset_posterior, hmc=hmc, stats=stats, rows=rows, progress=progress
     )
-    stats.add(result, rows)
-    return result.mean if n_draws is None else result.draws
+    return found.mean(n_mean_samples, generator) if n_draws is None else found.sample(n_draws, generator)
 
 
 def _progress_bar(description: str):
@@ -356,13 +422,8 @@ def _importance_log_likelihood(
 
 def joint_log_likelihood(module: JNFModule, blocks: dict[str, Tensor], n_samples: int, generator) -> Tensor:
     """Importance-weighted log p̂(X) per row (float64), the joint posterior as the proposal."""
-    mean, log_var = joint_posterior(module, blocks)
-
-    def propose(part: slice, noise: Tensor) -> tuple[Tensor, Tensor]:
-        z = reparameterize(mean[part], log_var[part], noise)
-        return z, gaussian_log_prob(z, mean[part], log_var[part])
-
-    return _importance_log_likelihood(module, blocks, module.names, n_samples, generator, propose)
+    proposal = JointPosterior(module, blocks)
+    return _importance_log_likelihood(module, blocks, module.names, n_samples, generator, proposal.propose)
 
 
 def observed_log_likelihood(
@@ -371,19 +432,10 @@ def observed_log_likelihood(
     """Importance-weighted log p̂(x_O) per row (float64) of rows observing only ``cond`` (1..M-1).
 
     The proposal is the flow posterior given ``cond`` (:func:`flow_posterior`): trained to cover
-    the joint posterior, it is mass-covering, as an importance proposal should be; q's density
-    comes from the inverse pass that drew z.
+    the joint posterior, it is mass-covering, as an importance proposal should be.
     """
-    encode, flow = flow_posterior(module, blocks, cond)
-    D = module.latent_dim
-
-    def propose(part: slice, noise: Tensor) -> tuple[Tensor, Tensor]:
-        mean, log_var = encode(part)
-        u = reparameterize(mean, log_var, noise)  # (k, r, D)
-        z, log_det = flow.inverse(u.reshape(-1, D))
-        return z.reshape(u.shape), gaussian_log_prob(u, mean, log_var) - log_det.reshape(u.shape[:-1])
-
-    return _importance_log_likelihood(module, blocks, cond, n_samples, generator, propose)
+    proposal = flow_posterior(module, blocks, cond)
+    return _importance_log_likelihood(module, blocks, cond, n_samples, generator, proposal.propose)
 
 
 def conditional_log_likelihood(

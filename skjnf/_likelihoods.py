@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from ._distributions import inverse_softplus
 __all__ = [
     "LIKELIHOODS",
     "Likelihood",
+    "Decoded",
     "Normal",
     "Laplace",
     "Bernoulli",
@@ -413,6 +415,35 @@ LIKELIHOODS = {
     "poisson": Poisson,
     "negative_binomial": NegativeBinomial,
 }
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoder's output for one modality at latents z: its likelihood p(x | z), as a distribution.
+
+    ``a`` (..., n_outputs) are the natural parameters; every output of the decoder (the mean,
+    the point prediction, probabilities, a draw, the log-density of data) is read from here.
+    """
+
+    likelihood: Likelihood
+    a: Tensor
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log p(x | z) summed over the modality's features: shape ``a.shape[:-1]``."""
+        return self.likelihood.log_prob(x, self.a)
+
+    def mean(self) -> Tensor:
+        return self.likelihood.mean(self.a)
+
+    def predict(self) -> Tensor:
+        """The point prediction (categorical: the most probable category)."""
+        return self.likelihood.predict(self.a)
+
+    def probabilities(self) -> Tensor:
+        return self.likelihood.probabilities(self.a)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        return self.likelihood.sample(self.a, generator)
 
 
 def make_likelihood(

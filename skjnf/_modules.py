@@ -16,7 +16,7 @@ from ._distributions import (
     std_normal_log_prob,
 )
 from ._flows import make_flow
-from ._likelihoods import Likelihood
+from ._likelihoods import Decoded, Likelihood
 
 __all__ = [
     "mlp",
@@ -359,27 +359,14 @@ class JNFModule(nn.Module):
         log_det = torch.log(torch.diagonal(self.aggregate_scale_tril)).sum()
         return std_normal_log_prob(self.aggregate_whitened(z)) - log_det
 
+    def decode(self, name: str, z: Tensor) -> Decoded:
+        """p(x_m | z) of modality ``name`` at z (…, D): mean, predict, probabilities, sample, log_prob."""
+        j = self.index(name)
+        return Decoded(self.likelihoods[j], self.natural_parameters(j, z))
+
     def log_likelihood(self, name: str, x: Tensor, z: Tensor) -> Tensor:
         """log p(x_m | z), summed over features; z may carry leading sample dimensions."""
-        j = self.index(name)
-        return self.likelihoods[j].log_prob(x, self.natural_parameters(j, z))
-
-    def decoder_mean(self, name: str, z: Tensor) -> Tensor:
-        j = self.index(name)
-        return self.likelihoods[j].mean(self.natural_parameters(j, z))
-
-    def decoder_predict(self, name: str, z: Tensor) -> Tensor:
-        """The point prediction of modality ``name`` (categorical: the most probable category)."""
-        j = self.index(name)
-        return self.likelihoods[j].predict(self.natural_parameters(j, z))
-
-    def decoder_probabilities(self, name: str, z: Tensor) -> Tensor:
-        j = self.index(name)
-        return self.likelihoods[j].probabilities(self.natural_parameters(j, z))
-
-    def decoder_sample(self, name: str, z: Tensor, generator) -> Tensor:
-        j = self.index(name)
-        return self.likelihoods[j].sample(self.natural_parameters(j, z), generator)
+        return self.decode(name, z).log_prob(x)
 
 
 def stage1_loss(
