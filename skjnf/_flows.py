@@ -56,6 +56,43 @@ def _reverse(z: Tensor) -> Tensor:
     return torch.flip(z, dims=(-1,))
 
 
+class _Reverse:
+    """The coordinate reversal as a bijection (no parameters): log|det| = 0 both ways."""
+
+    def __call__(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return _reverse(z), z.new_zeros(z.shape[:-1])
+
+    inverse = __call__
+
+
+_REVERSE = _Reverse()
+
+
+class ComposedFlow(nn.Module):
+    """A flow composed of bijections (as zuko composes transforms): ``transforms()`` lists them
+    in the z -> u direction, each mapping x to ``(y, log|det dy/dx|)`` with an ``inverse``;
+    forward runs them in order, inverse in reverse order, log-dets summed."""
+
+    def transforms(self) -> list:
+        raise NotImplementedError
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Map ``z -> u``; return ``(u, log|det du/dz|)``, the log-det of shape ``z.shape[:-1]``."""
+        log_det = z.new_zeros(z.shape[:-1])
+        for transform in self.transforms():
+            z, step_log_det = transform(z)
+            log_det = log_det + step_log_det
+        return z, log_det
+
+    def inverse(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Map ``u -> z``; return ``(z, log|det dz/du|)`` (minus the forward log-det at ``z``)."""
+        log_det = u.new_zeros(u.shape[:-1])
+        for transform in reversed(self.transforms()):
+            u, step_log_det = transform.inverse(u)
+            log_det = log_det + step_log_det
+        return u, log_det
+
+
 # ---------------------------------------------------------------------------------------------
 # MADE
 
@@ -227,7 +264,7 @@ class MAFBlock(nn.Module):
         return torch.stack(columns, dim=-1), log_det
 
 
-class MAF(nn.Module):
+class MAF(ComposedFlow):
     """Masked autoregressive flow: MAF blocks with a coordinate reversal after each block.
 
     ``forward`` maps latents to the base space and returns ``log|det du/dz|``, so that
@@ -278,26 +315,9 @@ class MAF(nn.Module):
         blocks = (MAFBlock(latent_dim, hidden_sizes, identity_init) for _ in range(n_blocks))
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Map ``z -> u``; return ``(u, log|det du/dz|)``, the log-det of shape ``z.shape[:-1]``."""
-        log_det = z.new_zeros(z.shape[:-1])
-        for block in self.blocks:
-            z, block_log_det = block(z)
-            log_det = log_det + block_log_det
-            z = _reverse(z)
-        if len(self.blocks) % 2:
-            z = _reverse(z)
-        return z, log_det
-
-    def inverse(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """Map ``u -> z``; return ``(z, log|det dz/du|)`` (minus the forward log-det at ``z``)."""
-        log_det = u.new_zeros(u.shape[:-1])
-        if len(self.blocks) % 2:
-            u = _reverse(u)
-        for block in reversed(self.blocks):
-            u, block_log_det = block.inverse(_reverse(u))
-            log_det = log_det + block_log_det
-        return u, log_det
+    def transforms(self) -> list:
+        steps = [step for block in self.blocks for step in (block, _REVERSE)]
+        return steps + [_REVERSE] * (len(self.blocks) % 2)  # odd K: restore the input order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +381,7 @@ class AffineCoupling(nn.Module):
         return z, log_scale.sum(-1)
 
 
-class RealNVP(nn.Module):
+class RealNVP(ComposedFlow):
     """Stack of affine couplings, fast in both directions (docs/algorithm.md §3.3).
 
     A block is two coupling layers with complementary masks ``b_d = d mod 2`` and ``1 - b``,
@@ -401,21 +421,8 @@ class RealNVP(nn.Module):
             AffineCoupling(mask, hidden_sizes, identity_init) for _ in range(n_blocks) for mask in (odd, ~odd)
         )
 
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Map ``z -> u``; return ``(u, log|det du/dz|)``, the log-det of shape ``z.shape[:-1]``."""
-        log_det = z.new_zeros(z.shape[:-1])
-        for layer in self.layers:
-            z, layer_log_det = layer(z)
-            log_det = log_det + layer_log_det
-        return z, log_det
-
-    def inverse(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """Map ``u -> z``; return ``(z, log|det dz/du|)`` (minus the forward log-det at ``z``)."""
-        log_det = u.new_zeros(u.shape[:-1])
-        for layer in reversed(self.layers):
-            u, layer_log_det = layer.inverse(u)
-            log_det = log_det + layer_log_det
-        return u, log_det
+    def transforms(self) -> list:
+        return list(self.layers)
 
 
 # ---------------------------------------------------------------------------------------------
