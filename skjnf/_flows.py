@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._layers import mlp
 from ._validation import check_int
 
 __all__ = [
@@ -326,13 +327,8 @@ class MAF(ComposedFlow):
 
 def _coupling_net(latent_dim: int, hidden_sizes: tuple[int, ...]) -> nn.Sequential:
     """MLP ``D -> hidden_sizes -> 2D`` (ReLU between layers, plain Linear output)."""
-    layers: list[nn.Module] = []
-    width_in = latent_dim
-    for width in hidden_sizes:
-        layers += [nn.Linear(width_in, width), nn.ReLU()]
-        width_in = width
-    layers.append(nn.Linear(width_in, 2 * latent_dim))
-    return nn.Sequential(*layers)
+    width_out = hidden_sizes[-1] if hidden_sizes else latent_dim
+    return nn.Sequential(*mlp(latent_dim, hidden_sizes), nn.Linear(width_out, 2 * latent_dim))
 
 
 class AffineCoupling(nn.Module):

@@ -16,10 +16,10 @@ from ._distributions import (
     std_normal_log_prob,
 )
 from ._flows import make_flow
+from ._layers import mlp
 from ._likelihoods import Decoded, Likelihood
 
 __all__ = [
-    "mlp",
     "GaussianHead",
     "JointEncoder",
     "Decoder",
@@ -37,15 +37,6 @@ __all__ = [
     "JOINT_LOG_VAR",
     "OBSERVED",
 ]
-
-
-def mlp(in_features: int, widths: Sequence[int]) -> nn.Sequential:
-    """Linear → ReLU for each width; ``widths=()`` is the identity."""
-    layers, width_in = [], in_features
-    for width in widths:
-        layers += [nn.Linear(width_in, width), nn.ReLU()]
-        width_in = width
-    return nn.Sequential(*layers)
 
 
 def _out_width(in_features: int, widths: Sequence[int]) -> int:
