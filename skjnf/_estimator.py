@@ -380,7 +380,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         -------
         self : JNFEstimator
         """
-        layout, data, info = validate_X(self, X, fit=True)
+        layout, data, info = validate_X(X, layout=None, modalities=self.modalities, estimator=self)
         blocks, observed = training_rows(data, layout)
         spec = model_spec(self.get_params(), layout, blocks, observed)
         device = _resolve_device(self.device)
@@ -453,7 +453,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         estimator, so inference leaves it unchanged and is safe from several threads.
         """
         check_is_fitted(self)
-        _, data, _ = validate_X(self, X, fit=False)
+        _, data, _ = validate_X(X, layout=self._layout, estimator=self)
         conditioning = data.observed & self._conditioning(cond_mod)[None, :]
         empty = np.flatnonzero(~conditioning.any(axis=1))
         if len(empty):
@@ -676,7 +676,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         log_likelihood : ndarray of shape (n_samples,)
         """
         check_is_fitted(self)
-        _, data, _ = validate_X(self, X, fit=False)
+        _, data, _ = validate_X(X, layout=self._layout, estimator=self)
         if cond_mod is None:
             return self._marginal_log_likelihood(data)
         mask = self._conditioning(cond_mod)

@@ -10,6 +10,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from ._chunks import row_chunks
 from ._distributions import expert_log_prob, std_normal_log_prob
 from ._validation import check_int
 
@@ -444,11 +445,9 @@ def hmc_sample(
     if max_chain_rows is None:
         is_cuda = experts[0][0].device.type == "cuda"
         max_chain_rows = MAX_CHAIN_ROWS_CUDA if is_cuda else MAX_CHAIN_ROWS_CPU
-    rows_per_chunk = max(1, max_chain_rows // n_chains)
-    starts = range(0, n_rows, rows_per_chunk)
+    parts = row_chunks(n_rows, n_chains, max_chain_rows)
     chunks = []
-    for index, start in enumerate(starts):
-        rows = slice(start, start + rows_per_chunk)
+    for index, rows in enumerate(parts):
         chunk_experts = [(mean[rows], log_var[rows], flow) for mean, log_var, flow in experts]
         if log_target is None:
             target = partial(product_of_experts_log_prob, experts=chunk_experts)
@@ -456,7 +455,7 @@ def hmc_sample(
             target = partial(log_target, rows=rows)
         chunks.append(_hmc_rows(chunk_experts, target, n_chains, n_steps, n_leapfrog, step_size, generator, adapt_mass))
         if progress is not None:
-            progress(index, len(starts))
+            progress(index, len(parts))
     return _concatenate(chunks, experts, n_chains)
 
 

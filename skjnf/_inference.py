@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._chunks import row_chunks
 from ._distributions import gaussian_log_prob, reparameterize, std_normal_log_prob
 from ._hmc import hmc_sample, product_of_experts_log_prob
 from ._modules import JNFModule
@@ -104,11 +105,9 @@ def frozen_inference(module: torch.nn.Module):
             module.train()
 
 
-def _row_chunks(n_rows: int, per_row: int, device: torch.device, budgets=MAX_BATCH_ELEMENTS) -> Iterator[slice]:
-    budget = budgets.get(device.type, budgets["cuda"])
-    step = max(1, budget // max(per_row, 1))
-    for start in range(0, n_rows, step):
-        yield slice(start, start + step)
+def _row_chunks(n_rows: int, per_row: int, device: torch.device, budgets=MAX_BATCH_ELEMENTS) -> list[slice]:
+    """:func:`row_chunks` with the budget of ``device``'s type."""
+    return row_chunks(n_rows, per_row, budgets.get(device.type, budgets["cuda"]))
 
 
 def joint_posterior(

@@ -191,12 +191,14 @@ def _to_tensor(block: np.ndarray, observed: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
-def validate_X(estimator, X, *, fit: bool):
+def validate_X(X, *, layout: Layout | None, modalities=None, estimator):
     """Validate X (any accepted container) and return ``(layout, ModalityData, info)``.
 
-    At fit time the layout comes from X and the ``modalities`` parameter, and ``info`` holds
-    ``n_features_in_`` and ``feature_names_in_``; afterwards X is checked against the fitted layout.
-    The estimator itself is never modified here.
+    Fit (``layout`` None): the layout comes from X and ``modalities`` (the parameter), and
+    ``info`` holds ``n_features_in_`` and ``feature_names_in_``. Afterwards X is checked against
+    the fitted ``layout``. ``estimator`` serves only scikit-learn's own checks of 2-D input
+    (feature names and counts, against a throw-away clone at fit) and the messages' wording; it
+    is never modified here.
     """
     if sp.issparse(X):
         raise TypeError(
@@ -204,23 +206,22 @@ def validate_X(estimator, X, *, fit: bool):
             "pass a dense array, a DataFrame or a dict of dense arrays."
         )
     if isinstance(X, Mapping):
-        return _validate_mapping(estimator, X, fit=fit)
-    return _validate_2d(estimator, X, fit=fit)
+        return _validate_mapping(estimator, X, layout, modalities)
+    return _validate_2d(estimator, X, layout, modalities)
 
 
-def _validate_2d(estimator, X, *, fit: bool):
+def _validate_2d(estimator, X, layout: Layout | None, modalities):
     name = type(estimator).__name__
-    if fit:
+    if layout is None:
         # validate_data stores n_features_in_ / feature_names_in_ on the object it is given;
         # a throw-away clone keeps the real estimator untouched until fit succeeds.
         scratch = clone(estimator)
         array = validate_data(scratch, X, dtype=_FLOAT_DTYPES, ensure_all_finite="allow-nan", reset=True)
         feature_names = getattr(scratch, "feature_names_in_", None)
-        names, columns = resolve_layout(estimator.modalities, array.shape[1], feature_names)
+        names, columns = resolve_layout(modalities, array.shape[1], feature_names)
         layout = Layout(names, tuple(len(c) for c in columns), columns)
         info = {"n_features_in_": scratch.n_features_in_, "feature_names_in_": feature_names}
     else:
-        layout = estimator._layout
         if layout.columns is None:
             raise TypeError(
                 f"This {name} was fitted on a mapping of modalities {list(layout.names)}; "
@@ -241,8 +242,9 @@ def _validate_2d(estimator, X, *, fit: bool):
     return layout, data, info
 
 
-def _validate_mapping(estimator, X: Mapping, *, fit: bool):
+def _validate_mapping(estimator, X: Mapping, layout: Layout | None, modalities):
     name = type(estimator).__name__
+    fit = layout is None
     if len(X) == 0:
         raise ValueError("X is an empty mapping; it needs at least one modality.")
     for key in X:
@@ -250,7 +252,6 @@ def _validate_mapping(estimator, X: Mapping, *, fit: bool):
             raise TypeError(f"Modality names (the keys of X) must be strings; got {_describe(key)}.")
         _check_name(key)
     if fit:
-        modalities = estimator.modalities
         if modalities is not None and (not isinstance(modalities, Mapping) or set(modalities) != set(X)):
             raise ValueError(
                 f"With a mapping X, leave modalities=None (the keys of X name the modalities); got "
@@ -259,7 +260,6 @@ def _validate_mapping(estimator, X: Mapping, *, fit: bool):
             )
         names = tuple(X)
     else:
-        layout = estimator._layout
         unknown = [k for k in X if k not in layout.names]
         if unknown:
             raise ValueError(
