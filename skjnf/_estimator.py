@@ -29,16 +29,13 @@ from ._inference import (
     conditional_log_likelihood,
     decode_in_chunks,
     frozen_inference,
-    joint_log_likelihood,
-    observed_log_likelihood,
-    pattern_generator,
-    pattern_groups,
-    posterior_latents,
+    latents_by_pattern,
+    marginal_log_likelihood,
 )
 from ._likelihoods import LIKELIHOODS
 from ._modules import OBSERVED
 from ._spec import ModelSpec, build_module, model_spec
-from ._validation import Layout, ModalityData, check_int, rebuild_container, validate_X
+from ._validation import Layout, check_int, rebuild_container, validate_X
 
 __all__ = ["JNFEstimator"]
 
@@ -461,27 +458,20 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
                 f"Row(s) {empty[:10].tolist()} observe none of the conditioning modalities "
                 f"{[n for n, c in zip(self.modality_names_, self._conditioning(cond_mod)) if c]}."
             )
-        seed, D = self._call_seed(random_state), self.latent_dim
-        shape = (data.n_samples, D) if n_draws is None else (n_draws, data.n_samples, D)
-        out, stats = np.empty(shape, dtype=np.float32), HMCStats() if stats is None else stats
+        stats = HMCStats() if stats is None else stats
         with frozen_inference(self.module_):
-            for pattern, rows in pattern_groups(conditioning):
-                cond = [m for m, on in zip(self.modality_names_, pattern) if on]
-                blocks = {m: data.blocks[m][torch.from_numpy(rows)].to(self._device) for m in cond}
-                z = posterior_latents(
-                    self.module_,
-                    blocks,
-                    cond,
-                    n_draws=n_draws,
-                    n_mean_samples=self.n_posterior_samples,
-                    hmc=self._hmc_settings(),
-                    generator=pattern_generator(seed, pattern, self._device),
-                    stats=stats,
-                    rows=rows,
-                    progress=self.verbose > 0,
-                    subset_posterior=self.subset_posterior,
-                )
-                out[..., rows, :] = z.cpu().numpy()
+            out = latents_by_pattern(
+                self.module_,
+                data,
+                conditioning,
+                n_draws=n_draws,
+                n_mean_samples=self.n_posterior_samples,
+                hmc=self._hmc_settings(),
+                seed=self._call_seed(random_state),
+                stats=stats,
+                subset_posterior=self.subset_posterior,
+                progress=self.verbose > 0,
+            )
         _warn_about_hmc(stats)
         return data, out
 
@@ -678,7 +668,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         _, data, _ = validate_X(X, layout=self._layout, estimator=self)
         if cond_mod is None:
-            return self._marginal_log_likelihood(data)
+            with frozen_inference(self.module_):
+                return marginal_log_likelihood(self.module_, data, self.n_importance_samples, self._inference_seed)
         mask = self._conditioning(cond_mod)
         targets = [m for m, c in zip(self.modality_names_, mask) if not c]
         if not targets:
@@ -692,23 +683,6 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             draws = torch.from_numpy(draws).to(self._device)
             log_p = conditional_log_likelihood(self.module_, blocks, targets, draws, observed)
         return log_p.cpu().numpy()
-
-    def _marginal_log_likelihood(self, data: ModalityData) -> np.ndarray:
-        """log p̂(x_O) per row, by pattern: the joint posterior proposes for complete rows, the flow
-        posterior given O for the others (its own noise per pattern)."""
-        out = np.empty(data.n_samples, dtype=np.float64)
-        with frozen_inference(self.module_):
-            for pattern, rows in pattern_groups(data.observed):
-                cond = [m for m, on in zip(self.modality_names_, pattern) if on]
-                blocks = {m: data.blocks[m][torch.from_numpy(rows)].to(self._device) for m in cond}
-                if len(cond) == len(self.modality_names_):
-                    generator = torch.Generator(device=self._device).manual_seed(self._inference_seed)
-                    log_p = joint_log_likelihood(self.module_, blocks, self.n_importance_samples, generator)
-                else:
-                    generator = pattern_generator(self._inference_seed, pattern, self._device)
-                    log_p = observed_log_likelihood(self.module_, blocks, cond, self.n_importance_samples, generator)
-                out[rows] = log_p.cpu().numpy()
-        return out
 
     def score(self, X, y=None):
         """Mean estimated log-likelihood of the rows (higher is better).

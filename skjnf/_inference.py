@@ -25,6 +25,8 @@ __all__ = [
     "pattern_groups",
     "pattern_generator",
     "posterior_latents",
+    "latents_by_pattern",
+    "marginal_log_likelihood",
     "joint_log_likelihood",
     "conditional_log_likelihood",
     "observed_log_likelihood",
@@ -377,6 +379,64 @@ def posterior_latents(
     return found.mean(n_mean_samples, generator) if n_draws is None else found.sample(n_draws, generator)
 
 
+def latents_by_pattern(
+    module: JNFModule,
+    data,
+    conditioning: np.ndarray,
+    *,
+    n_draws: int | None,
+    n_mean_samples: int,
+    hmc: HMCSettings,
+    seed: int,
+    stats: HMCStats,
+    subset_posterior: str,
+    progress: bool = False,
+) -> np.ndarray:
+    """Posterior means (n, D) or draws (n_draws, n, D) of every row of ``data`` (``ModalityData``),
+    each given the modalities ``conditioning`` (n, M) marks: one batched posterior per pattern,
+    with noise of its own (:func:`pattern_generator`)."""
+    device, D = next(module.parameters()).device, module.latent_dim
+    shape = (data.n_samples, D) if n_draws is None else (n_draws, data.n_samples, D)
+    out = np.empty(shape, dtype=np.float32)
+    for pattern, rows in pattern_groups(conditioning):
+        cond = [m for m, on in zip(module.names, pattern) if on]
+        blocks = {m: data.blocks[m][torch.from_numpy(rows)].to(device) for m in cond}
+        z = posterior_latents(
+            module,
+            blocks,
+            cond,
+            n_draws=n_draws,
+            n_mean_samples=n_mean_samples,
+            hmc=hmc,
+            generator=pattern_generator(seed, pattern, device),
+            stats=stats,
+            rows=rows,
+            progress=progress,
+            subset_posterior=subset_posterior,
+        )
+        out[..., rows, :] = z.cpu().numpy()
+    return out
+
+
+def marginal_log_likelihood(module: JNFModule, data, n_samples: int, seed: int) -> np.ndarray:
+    """log p̂(x_O) of every row of ``data`` (``ModalityData``) on what it observes, by pattern: the
+    joint posterior proposes for complete rows (noise from ``seed``), the flow posterior given O
+    for the others (noise of their pattern's own)."""
+    device = next(module.parameters()).device
+    out = np.empty(data.n_samples, dtype=np.float64)
+    for pattern, rows in pattern_groups(data.observed):
+        cond = [m for m, on in zip(module.names, pattern) if on]
+        blocks = {m: data.blocks[m][torch.from_numpy(rows)].to(device) for m in cond}
+        if len(cond) == len(module.names):
+            generator = torch.Generator(device=device).manual_seed(seed)
+            log_p = joint_log_likelihood(module, blocks, n_samples, generator)
+        else:
+            generator = pattern_generator(seed, pattern, device)
+            log_p = observed_log_likelihood(module, blocks, cond, n_samples, generator)
+        out[rows] = log_p.cpu().numpy()
+    return out
+
+
 def _progress_bar(description: str):
     """A ``progress(chunk_index, n_chunks)`` callback drawing a tqdm bar."""
     bar = None
@@ -393,36 +453,54 @@ def _progress_bar(description: str):
 
 
 def _importance_log_likelihood(
-    module: JNFModule, blocks: dict[str, Tensor], names: Sequence[str], n_samples: int, generator, propose
+    module: JNFModule,
+    blocks: dict[str, Tensor],
+    names: Sequence[str],
+    n_samples: int,
+    draw: Callable[[slice, slice], tuple[Tensor, Tensor | float]],
+    observed: Tensor | None = None,
 ) -> Tensor:
-    """log p̂(x_names) per row (float64): logmeanexp_k of log w_k = Σ_m log p(x_m | z_k) + log p(z_k)
-    − log q(z_k), the z_k drawn by ``propose(rows, noise)`` -> (z (k, r, D), log q(z) (k, r)).
+    """log p̂(x_names) per row (float64): logmeanexp_k of log w_k = Σ_m log p(x_m | z_k) + c_k, for
+    draws ``draw(rows, ks)`` -> (z_k (k, r, D), c_k): c_k = log p(z_k) − log q(z_k) for importance
+    sampling from a proposal q, 0 for draws from the posterior itself (a plain Monte Carlo mean).
 
-    The base noise (K, 1, D) is shared by all rows, so a row's estimate never depends on its
-    batch mates; rows and draws go in chunks, so memory stays bounded in n and K.
+    ``observed`` (n, len(names)) leaves out the modalities a row does not observe (a row
+    observing none of them scores 0, the log-probability of nothing). Rows and draws go in
+    chunks, so memory stays bounded in n and K.
     """
-    n, D = len(next(iter(blocks.values()))), module.latent_dim
-    device = next(iter(blocks.values())).device
-    noise = torch.randn(n_samples, 1, D, generator=generator, device=device)
+    n, device = len(next(iter(blocks.values()))), next(iter(blocks.values())).device
     out = torch.empty(n, dtype=torch.float64, device=device)
     k_step = min(n_samples, DECODE_BATCH_ELEMENTS.get(device.type, DECODE_BATCH_ELEMENTS["cuda"]))
     for part in _row_chunks(n, k_step, device, DECODE_BATCH_ELEMENTS):
         acc = None
         for k in range(0, n_samples, k_step):
-            z, log_q = propose(part, noise[k : k + k_step])
-            log_w = std_normal_log_prob(z) - log_q
-            for name in names:
-                log_w = log_w + module.log_likelihood(name, blocks[name][part], z)
-            chunk = torch.logsumexp(log_w.double(), dim=0)
+            z, log_w = draw(part, slice(k, k + k_step))
+            for t, name in enumerate(names):
+                term = module.log_likelihood(name, blocks[name][part], z)
+                log_w = log_w + (term if observed is None else observed[part, t] * term)
+            chunk = torch.logsumexp(torch.as_tensor(log_w).double(), dim=0)
             acc = chunk if acc is None else torch.logaddexp(acc, chunk)
         out[part] = acc - math.log(n_samples)
     return out
 
 
+def _importance_draws(proposal, n_samples: int, latent_dim: int, generator):
+    """``draw(rows, ks)`` for :func:`_importance_log_likelihood` from a posterior object's
+    ``propose``; the base noise (K, 1, D) is shared by all rows, so a row's estimate never
+    depends on its batch mates."""
+    noise = torch.randn(n_samples, 1, latent_dim, generator=generator, device=generator.device)
+
+    def draw(part: slice, ks: slice) -> tuple[Tensor, Tensor]:
+        z, log_q = proposal.propose(part, noise[ks])
+        return z, std_normal_log_prob(z) - log_q
+
+    return draw
+
+
 def joint_log_likelihood(module: JNFModule, blocks: dict[str, Tensor], n_samples: int, generator) -> Tensor:
     """Importance-weighted log p̂(X) per row (float64), the joint posterior as the proposal."""
-    proposal = JointPosterior(module, blocks)
-    return _importance_log_likelihood(module, blocks, module.names, n_samples, generator, proposal.propose)
+    draw = _importance_draws(JointPosterior(module, blocks), n_samples, module.latent_dim, generator)
+    return _importance_log_likelihood(module, blocks, module.names, n_samples, draw)
 
 
 def observed_log_likelihood(
@@ -433,8 +511,8 @@ def observed_log_likelihood(
     The proposal is the flow posterior given ``cond`` (:func:`flow_posterior`): trained to cover
     the joint posterior, it is mass-covering, as an importance proposal should be.
     """
-    proposal = flow_posterior(module, blocks, cond)
-    return _importance_log_likelihood(module, blocks, cond, n_samples, generator, proposal.propose)
+    draw = _importance_draws(flow_posterior(module, blocks, cond), n_samples, module.latent_dim, generator)
+    return _importance_log_likelihood(module, blocks, cond, n_samples, draw)
 
 
 def conditional_log_likelihood(
@@ -442,18 +520,11 @@ def conditional_log_likelihood(
 ) -> Tensor:
     """log p̂(x_T | x_S) = logsumexp_k Σ_{m∈T} log p(x_m | z_k) − log K, z_k posterior draws (K, n, D).
 
-    ``observed`` (n, len(targets)) leaves out, per row, the targets it does not observe (a row
-    observing none scores 0, the log-probability of nothing).
+    ``observed`` (n, len(targets)) leaves out, per row, the targets it does not observe.
     """
-    n_samples, n = draws.shape[:2]
-    out = torch.empty(n, dtype=torch.float64, device=draws.device)
-    for part in _row_chunks(n, n_samples, draws.device, DECODE_BATCH_ELEMENTS):
-        log_p = 0.0
-        for t, name in enumerate(targets):
-            term = module.log_likelihood(name, blocks[name][part], draws[:, part]).double()
-            log_p = log_p + (term if observed is None else observed[part, t] * term)
-        out[part] = torch.logsumexp(log_p, dim=0) - math.log(n_samples)
-    return out
+    return _importance_log_likelihood(
+        module, blocks, targets, draws.shape[0], lambda part, ks: (draws[ks, part], 0.0), observed
+    )
 
 
 def decode_in_chunks(decode, latent: Tensor) -> Tensor:
