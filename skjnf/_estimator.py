@@ -543,9 +543,9 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         Parameters
         ----------
         X : dict of array-like, or array-like of shape (n_samples, n_features)
-            Missing modalities are absent keys or all-NaN rows of a block.
+            As in ``transform``: missing modalities are the ones imputed.
         cond_mod : str, list of str or None, default=None
-            Modalities to condition on (intersected with those observed in each row).
+            As in ``transform``.
 
         Returns
         -------
