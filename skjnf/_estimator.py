@@ -115,8 +115,13 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         ``predict_probabilities`` the probabilities), ``"poisson"`` or ``"negative_binomial"``
         (non-negative integer counts; the latter learns one dispersion per feature).
     decoder_scale : float, "auto", "learn" or dict, default="auto"
-        Standard deviation (normal) or scale (laplace). ``"auto"`` fixes one scale per modality
-        at half the RMS standard deviation of its features (training rows). ``"learn"`` learns one
+        Standard deviation (normal) or scale (laplace). ``"auto"``: stage 1 trains with one fixed
+        scale per modality, half the RMS standard deviation of its features (training rows); then
+        the scale is set to its maximum-likelihood value on the validation rows (the residual RMS
+        of the trained decoders at joint-posterior draws; ``history_["joint"]["calibrated_scales"]``),
+        which ``score`` and ``sample(add_noise=True)`` use. Latents and predictions do not depend on
+        the calibration; the held-out log-likelihood does (benchmark tables: +0.4 to +7.8 nats per
+        row, the linear-Gaussian one from -29.0 to -21.2). ``"learn"`` learns one
         scale per feature in stage 1, starting at the feature's standard deviation, floored at
         1e-3 of it. A dict gives one of these per modality. ``"auto"`` is the default because it
         adapts to the data's units (raw, standardised or [0, 1]): a fixed 1.0 on [0, 1] features

@@ -151,6 +151,10 @@ def train_both_stages(
                     p.requires_grad_(False)
                     p.grad = None
             history[stage] = _train_stage(module, stage, spec, train, valid, epochs, seed, settings, device)
+            if stage == "joint":
+                scales = calibrate_auto_scales(module, spec, valid if valid is not None else train, seed)
+                if scales:
+                    history["joint"]["calibrated_scales"] = scales
     finally:
         for p in joint_params:
             p.requires_grad_(True)
@@ -213,6 +217,42 @@ def _train_stage(module, stage, spec, train, valid, epochs, seed, settings: Trai
             kept = ", ".join(f"{label} {e} ({v:.2f})" for label, e, v in zip(labels, part_epochs, part_losses_best))
             print(f"{STAGES[stage]}: kept epoch (held-out -log q) per part: {kept}")
     return history
+
+
+#: Joint-posterior draws per row when the "auto" scales are calibrated after stage 1.
+CALIBRATION_DRAWS = 8
+
+
+def calibrate_auto_scales(module: JNFModule, spec: ModelSpec, blocks: dict, seed: int) -> dict[str, float]:
+    """Set each "auto" scale (normal, laplace) to its maximum-likelihood value on ``blocks`` (the
+    validation rows, else the training rows), from the residuals of the trained decoders at
+    ``CALIBRATION_DRAWS`` draws of the joint posterior; returns ``{modality: scale}``.
+
+    Stage 1 trains with a wide fixed scale (half the RMS feature std), which keeps the latent
+    informative (see ``decoder_scale``) but makes p(x | z) far wider than the decoders' errors:
+    on a linear-Gaussian table the held-out log-likelihood was 7.8 nats per row below what the
+    calibrated scale gives. Means, latents and predictions do not depend on it.
+    """
+    names = [m for m, scale in zip(spec.names, spec.scales) if scale == "auto"]
+    names = [m for m in names if hasattr(module.likelihoods[module.index(m)], "calibrate")]
+    if not names:
+        return {}
+    scales = {}
+    observed = blocks.get(OBSERVED)
+    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(int(seed) + 1)
+    with frozen_inference(module):
+        mean, log_var = joint_posterior(module, blocks, observed)
+        noise = torch.randn(CALIBRATION_DRAWS, *mean.shape, generator=generator, device=mean.device)
+        z = mean + torch.exp(0.5 * log_var) * noise
+        for name in names:
+            j = module.index(name)
+            x, a = blocks[name], module.natural_parameters(j, z)
+            if observed is not None:
+                rows = observed[:, j] > 0
+                x, a = x[rows], a[:, rows]
+            if len(x):
+                scales[name] = module.likelihoods[j].calibrate(x, a)
+    return scales
 
 
 def _with_joint_posterior(module: JNFModule, blocks: dict) -> dict:

@@ -156,7 +156,8 @@ class _LocationScale(Likelihood):
     @classmethod
     def from_data(cls, width: int, scale, train_block: Tensor) -> _LocationScale:
         """``scale``: a positive float; ``"auto"``, a fixed scale of half the block's RMS feature
-        std (one per modality); or ``"learn"``, one learned scale per feature starting at its std."""
+        std (one per modality; ``fit`` calibrates it after stage 1, see :meth:`calibrate`); or
+        ``"learn"``, one learned scale per feature starting at its std."""
         learn = scale == "learn"
         if scale == "auto":
             spread = float(train_block.std(0, unbiased=False).pow(2).mean().sqrt())
@@ -164,6 +165,15 @@ class _LocationScale(Likelihood):
         fixed = torch.full((width,), 1.0 if learn else float(scale))
 
         return cls(fixed, learn=learn, data_std=train_block.std(0, unbiased=False))
+
+    def calibrate(self, x: Tensor, a: Tensor) -> float:
+        """Set the fixed scale to its maximum-likelihood value for data ``x`` (n, d) at natural
+        parameters ``a`` (k, n, d), one value for the modality, floored at ``SCALE_FLOOR_FRACTION``
+        of the scale it replaces; returns it."""
+        current = float(self.fixed_scale.max())
+        value = max(float(self._scale_estimate(x - a)), SCALE_FLOOR_FRACTION * current)
+        self.fixed_scale.fill_(value)
+        return value
 
     @property
     def scale(self) -> Tensor:
@@ -174,6 +184,10 @@ class _LocationScale(Likelihood):
 
 class Normal(_LocationScale):
     """``a`` is the mean: log p = −½((x − a)/s)² − log s − ½ log 2π per feature."""
+
+    @staticmethod
+    def _scale_estimate(residual: Tensor) -> Tensor:
+        return residual.pow(2).mean().sqrt()
 
     def log_prob(self, x: Tensor, a: Tensor) -> Tensor:
         s = self.scale
@@ -186,6 +200,10 @@ class Normal(_LocationScale):
 
 class Laplace(_LocationScale):
     """``a`` is the location: log p = −|x − a|/s − log 2s per feature."""
+
+    @staticmethod
+    def _scale_estimate(residual: Tensor) -> Tensor:
+        return residual.abs().mean()
 
     def log_prob(self, x: Tensor, a: Tensor) -> Tensor:
         s = self.scale

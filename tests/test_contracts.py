@@ -28,8 +28,11 @@ def test_validation_rows_are_never_trained_on(monkeypatch):
         assert train_ids | valid_ids == set(range(60)) and len(valid_ids) == 12
 
 
-def test_auto_scale_is_half_the_rms_of_the_feature_stds():
-    """Mutation caught: the "auto" scale computed from the mean instead of the RMS of the stds."""
+def test_auto_scale_is_half_the_rms_of_the_feature_stds(monkeypatch):
+    """Mutation caught: the "auto" scale computed from the mean instead of the RMS of the stds.
+
+    This is the scale stage 1 trains with; fit calibrates it afterwards (switched off here)."""
+    monkeypatch.setattr(fitting, "calibrate_auto_scales", lambda *args: {})
     rng = np.random.default_rng(0)
     a = rng.normal(size=(400, 3)) * [0.1, 1.0, 5.0]  # mean of stds 2.03, RMS 2.98
     jnf = small_jnf(joint_epochs=1, flow_epochs=1, validation_fraction=0.0).fit(
