@@ -120,7 +120,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         the scale is set to its maximum-likelihood value on the validation rows (the residual RMS
         of the trained decoders at joint-posterior draws; ``history_["joint"]["calibrated_scales"]``),
         which ``score`` and ``sample(add_noise=True)`` use. Latents and predictions do not depend on
-        the calibration; the held-out log-likelihood does (benchmark tables: +0.4 to +7.8 nats per
+        the calibration; the held-out log-likelihood does (benchmark tables: +0.7 to +7.8 nats per
         row, the linear-Gaussian one from -29.0 to -21.2). ``"learn"`` learns one
         scale per feature in stage 1, starting at the feature's standard deviation, floored at
         1e-3 of it. A dict gives one of these per modality. ``"auto"`` is the default because it
