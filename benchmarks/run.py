@@ -173,10 +173,13 @@ def run_ours(ds: Dataset, args, stage_timer: StageTimer) -> tuple[dict, dict]:
     names, test = ds.names, ds.test
     out: dict = {}
     # fit: warm-up (1 + 1 epochs), then repeats at equal epochs; the last model is evaluated
-    make_ours(args, joint_epochs=1, flow_epochs=1, random_state=args.seed + 999).fit(ds.train)
+    # the reference's fixed scales, passed as floats: the same objective on both sides (skjnf's
+    # "auto" would also calibrate them after stage 1, which the reference does not do)
+    scales = reference_scales(ds, args)
+    make_ours(args, joint_epochs=1, flow_epochs=1, random_state=args.seed + 999, decoder_scale=scales).fit(ds.train)
     fits, stage_times, repeat_quality, est = [], [], [], None
     for r in range(args.repeats):
-        est = make_ours(args, random_state=args.seed + r)
+        est = make_ours(args, random_state=args.seed + r, decoder_scale=scales)
         start_stage = len(stage_timer.times)
         t, _ = timed(lambda est=est: est.fit(ds.train), 1)
         fits.append(t)
