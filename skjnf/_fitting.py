@@ -231,7 +231,13 @@ def calibrate_auto_scales(module: JNFModule, spec: ModelSpec, blocks: dict, seed
     Stage 1 trains with a wide fixed scale (half the RMS feature std), which keeps the latent
     informative (see ``decoder_scale``) but makes p(x | z) far wider than the decoders' errors:
     on a linear-Gaussian table the held-out log-likelihood was 7.8 nats per row below what the
-    calibrated scale gives. Means, latents and predictions do not depend on it.
+    calibrated scale gives. Means, latents and predictions do not depend on it. Measured over the
+    42 fits of ``benchmarks/incomplete_rows.py`` it raised the held-out log-likelihood in 33
+    (all 14 linear-Gaussian ones, by 4-8 nats); it lowered it in 4 digit fits (by 2-10 nats: a
+    few test rows far from the decoders' means weigh more under a sharper Gaussian) and in 4
+    cancer fits (by under 0.6). Choosing between the training scale and the MLE by the
+    validation rows' importance-weighted likelihood picked the MLE in those fits too, so the
+    plain MLE stays.
     """
     names = [m for m, scale in zip(spec.names, spec.scales) if scale == "auto"]
     names = [m for m in names if hasattr(module.likelihoods[module.index(m)], "calibrate")]
