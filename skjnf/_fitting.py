@@ -232,9 +232,9 @@ def calibrate_auto_scales(module: JNFModule, spec: ModelSpec, blocks: dict, seed
     informative (see ``decoder_scale``) but makes p(x | z) far wider than the decoders' errors:
     on a linear-Gaussian table the held-out log-likelihood was 7.8 nats per row below what the
     calibrated scale gives. Means, latents and predictions do not depend on it. Measured over the
-    42 fits of ``benchmarks/incomplete_rows.py`` it raised the held-out log-likelihood in 33
+    42 fits of ``benchmarks/incomplete_rows.py`` it raised the held-out log-likelihood in 35
     (all 14 linear-Gaussian ones, by 4-8 nats); it lowered it in 4 digit fits (by 2-10 nats: a
-    few test rows far from the decoders' means weigh more under a sharper Gaussian) and in 4
+    few test rows far from the decoders' means weigh more under a sharper Gaussian) and in 3
     cancer fits (by under 0.6). Choosing between the training scale and the MLE by the
     validation rows' importance-weighted likelihood picked the MLE in those fits too, so the
     plain MLE stays.
