@@ -228,7 +228,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         ``{"joint": ..., "flows": ...}``, each a dict with ``"epochs"`` (a list of
         ``{"epoch", "train_loss", "valid_loss"}``, floats, per-row means), ``"best_epoch"`` (the
         1-based epoch whose weights were kept) and ``"monitor"`` (``"valid_loss"``, or
-        ``"train_loss"`` when there is no validation set). Stage 2 keeps each part's own best
+        ``"train_loss"`` when there is no validation set); ``"joint"`` also holds
+        ``"calibrated_scales"`` (the "auto" decoder scales set after stage 1). Stage 2 keeps each part's own best
         epoch (each expert and the subset posterior have their own parameters) and, with a
         validation set, reports each expert's calibration: ``"expert_valid_loss"`` (mean
         held-out -log q_j(z | x_j) at the kept epoch, a dict by modality), ``"expert_best_epoch"``,
