@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ._contracts import check_contracts
+from ._distributions import reparameterize
 from ._inference import frozen_inference, joint_posterior
 from ._modules import (
     JOINT_LOG_VAR,
@@ -221,6 +222,8 @@ def _train_stage(module, stage, spec, train, valid, epochs, seed, settings: Trai
 
 #: Joint-posterior draws per row when the "auto" scales are calibrated after stage 1.
 CALIBRATION_DRAWS = 8
+#: Most rows the calibration reads (a random subset of them beyond that).
+CALIBRATION_MAX_ROWS = 2048
 
 
 def calibrate_auto_scales(module: JNFModule, spec: ModelSpec, blocks: dict, seed: int) -> dict[str, float]:
@@ -244,12 +247,17 @@ def calibrate_auto_scales(module: JNFModule, spec: ModelSpec, blocks: dict, seed
     if not names:
         return {}
     scales = {}
+    device = next(module.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(int(seed) + 1)
+    n = len(next(iter(blocks.values())))
+    if n > CALIBRATION_MAX_ROWS:  # a random subset bounds memory: (draws, rows, features) residuals
+        rows = torch.randperm(n, generator=generator, device=device)[:CALIBRATION_MAX_ROWS]
+        blocks = {key: value[rows] for key, value in blocks.items()}
     observed = blocks.get(OBSERVED)
-    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(int(seed) + 1)
     with frozen_inference(module):
         mean, log_var = joint_posterior(module, blocks, observed)
         noise = torch.randn(CALIBRATION_DRAWS, *mean.shape, generator=generator, device=mean.device)
-        z = mean + torch.exp(0.5 * log_var) * noise
+        z = reparameterize(mean, log_var, noise)
         for name in names:
             j = module.index(name)
             x, a = blocks[name], module.natural_parameters(j, z)

@@ -299,3 +299,19 @@ def test_calibrating_the_auto_scale_raises_the_held_out_likelihood(views, monkey
     assert calibrated.score(held_out) > wide.score(held_out) + 1.0
     np.testing.assert_array_equal(calibrated.transform(held_out), wide.transform(held_out))
     np.testing.assert_array_equal(calibrated.predict(held_out)["a"], wide.predict(held_out)["a"])
+
+
+def test_calibration_on_a_row_subset_matches_all_rows(views, monkeypatch):
+    """Beyond CALIBRATION_MAX_ROWS rows a random subset is read (memory); its scales agree with all rows'."""
+    from _helpers import small_jnf
+
+    import skjnf._fitting as fitting
+
+    X, _, _ = views
+    params = dict(joint_epochs=20, flow_epochs=1, hidden_sizes=(32,), lr=1e-2, validation_fraction=0.5)
+    full = small_jnf(**params).fit(X).history_["joint"]["calibrated_scales"]
+    monkeypatch.setattr(fitting, "CALIBRATION_MAX_ROWS", 60)
+    subset = small_jnf(**params).fit(X).history_["joint"]["calibrated_scales"]
+    assert subset != full  # the subset path ran
+    for m in full:
+        assert subset[m] == pytest.approx(full[m], rel=0.15)
