@@ -511,45 +511,23 @@ def timing_table(name: str, o: dict, p: dict | None, args) -> list[str]:
             f"| {label} | {fmt(ours)} | {fmt(peer)} | {fmt(ratio(peer, ours))} | {fmt(ratio(peer_cpu, ours_cpu))} |"
         )
 
-    row(f"fit, {ep} epochs", o["fit"]["wall"], p.get("fit_s"), o["fit"]["cpu"], p.get("fit_cpu_s"))
+    def timed_row(label, ours: dict, peer: str):
+        """A figure timed on both sides: ours {"wall", "cpu"}; the reference's ``{peer}_s`` / ``{peer}_cpu_s``."""
+        row(label, ours["wall"], p.get(f"{peer}_s"), ours["cpu"], p.get(f"{peer}_cpu_s"))
+
+    timed_row(f"fit, {ep} epochs", o["fit"], "fit")
     row("  per epoch, stage 1 (joint VAE)", o.get("epoch_joint_s"), p.get("epoch_joint_s"))
     row("  per epoch, stage 2 (flows)", o.get("epoch_flow_s"), p.get("epoch_flow_s"))
-    row(
-        "latent, all modalities",
-        o["latent_all"]["wall"],
-        p.get("encode_all_s"),
-        o["latent_all"]["cpu"],
-        p.get("encode_all_cpu_s"),
-    )
-    row(
-        "latent, one modality",
-        o["latent_one"]["wall"],
-        p.get("encode_one_s"),
-        o["latent_one"]["cpu"],
-        p.get("encode_one_cpu_s"),
-    )
+    timed_row("latent, all modalities", o["latent_all"], "encode_all")
+    timed_row("latent, one modality", o["latent_one"], "encode_one")
     if "latent_subset" in o:
-        row(
-            "latent, 2 of 3: skjnf mean vs reference one draw",
-            o["latent_subset"]["wall"],
-            p.get("encode_subset_draw_s"),
-            o["latent_subset"]["cpu"],
-            p.get("encode_subset_draw_cpu_s"),
-        )
-        row(
+        timed_row("latent, 2 of 3: skjnf mean vs reference one draw", o["latent_subset"], "encode_subset_draw")
+        timed_row(
             f"latent, 2 of 3: skjnf mean vs reference mean of {N_CHAINS_REFERENCE} chains",
-            o["latent_subset"]["wall"],
-            p.get("encode_subset_mean_s"),
-            o["latent_subset"]["cpu"],
-            p.get("encode_subset_mean_cpu_s"),
+            o["latent_subset"],
+            "encode_subset_mean",
         )
-    row(
-        f"joint log-likelihood, K = {args.nll_k}",
-        o["joint_ll"]["wall"],
-        p.get("nll_s"),
-        o["joint_ll"]["cpu"],
-        p.get("nll_cpu_s"),
-    )
+    timed_row(f"joint log-likelihood, K = {args.nll_k}", o["joint_ll"], "nll")
     floor, peer_floor = o["joint_ll_floor"]["wall"], p.get("decoder_floor_s")
     note = f"skjnf / its floor = {fmt(o['joint_ll']['wall'] / floor)}"
     if peer_floor and p.get("nll_s"):

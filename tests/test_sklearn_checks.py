@@ -20,7 +20,7 @@ def _small():
 
 # score_samples runs float32 networks: a row's value can move by ~1e-7 (relative) with its batch's
 # size (BLAS blocking), below float32 precision but above this check's fixed rtol of 1e-7.
-# tests/test_likelihood.py checks the same invariance at rel=1e-6.
+# tests/test_scoring.py checks the same invariance at rel=1e-6.
 EXPECTED_FAILED = {"check_methods_subset_invariance": "float32 BLAS rounding (~1e-7) exceeds the check's rtol"}
 
 
