@@ -35,3 +35,13 @@ def small_jnf(**params):
     )
     defaults.update(params)
     return JNFEstimator(**defaults)
+
+
+def normal_module(latent_dim=3, n_modalities=3):
+    """A JNFModule of ``n_modalities`` two-feature normal modalities named m0, m1, ... (unit tests)."""
+    from skjnf._likelihoods import make_likelihood
+    from skjnf._modules import JNFModule
+
+    names = [f"m{j}" for j in range(n_modalities)]
+    likelihoods = [make_likelihood("normal", 2, 1.0, None) for _ in names]
+    return JNFModule(names, [(2,)] * n_modalities, likelihoods, latent_dim, (8,), ["maf"] * n_modalities, 1, (8,))

@@ -6,13 +6,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _helpers import small_jnf
+from _helpers import normal_module, small_jnf
 from scipy.stats import multivariate_normal
 
 import skjnf._estimator as estimator_module
 from skjnf import JNFEstimator
-from skjnf._likelihoods import make_likelihood
-from skjnf._modules import JNFModule, random_subset_masks, stage2_terms
+from skjnf._modules import random_subset_masks, stage2_terms
 
 NAMES = ("a", "b", "c")
 
@@ -136,14 +135,8 @@ def test_complete_rows_take_the_same_path_as_an_all_observed_mask(monkeypatch):
     np.testing.assert_allclose(masked.score_samples(X), plain.score_samples(X), rtol=1e-5)
 
 
-def _module(n_modalities=3):
-    names = [f"m{j}" for j in range(n_modalities)]
-    likelihoods = [make_likelihood("normal", 2, 1.0, None) for _ in names]
-    return JNFModule(names, [(2,)] * n_modalities, likelihoods, 2, (8,), ["maf"] * n_modalities, 1, (8,))
-
-
 def test_joint_posterior_ignores_the_values_of_missing_modalities():
-    module = _module().eval()
+    module = normal_module(latent_dim=2).eval()
     generator = torch.Generator().manual_seed(0)
     blocks = {m: torch.randn(6, 2, generator=generator) for m in module.names}
     observed = torch.tensor([[1.0, 0.0, 1.0]] * 6)
@@ -177,7 +170,7 @@ def test_random_subsets_stay_inside_each_rows_observed_modalities():
 
 
 def test_stage2_terms_leave_out_what_a_row_does_not_observe():
-    module = _module().eval()
+    module = normal_module(latent_dim=2).eval()
     generator = torch.Generator().manual_seed(1)
     blocks = {m: torch.randn(8, 2, generator=generator) for m in module.names}
     noise = torch.randn(8, 2 + 4 * 4, generator=generator)

@@ -6,25 +6,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _helpers import small_jnf
+from _helpers import normal_module, small_jnf
 
 import skjnf._training as training
 from skjnf._distributions import std_normal_log_prob
 from skjnf._flows import IdentityFlow
 from skjnf._hmc import product_of_experts_log_prob
 from skjnf._inference import _supported_mean, support_radius
-from skjnf._likelihoods import make_likelihood
-from skjnf._modules import JNFModule
-
-
-def _module(latent_dim=3, n_modalities=3) -> JNFModule:
-    names = [f"m{j}" for j in range(n_modalities)]
-    likelihoods = [make_likelihood("normal", 2, 1.0, None) for _ in names]
-    return JNFModule(names, [(2,)] * n_modalities, likelihoods, latent_dim, (8,), ["maf"] * n_modalities, 1, (8,))
 
 
 def test_aggregate_divisor_equal_to_the_prior_gives_the_papers_product():
-    module = _module()  # before stage 2 the aggregate fit is N(0, I)
+    module = normal_module()  # before stage 2 the aggregate fit is N(0, I)
     z = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(module.aggregate_log_prob(z), std_normal_log_prob(z))
     experts = [(torch.randn(4, 3), torch.randn(4, 3).clamp(-1, 1), IdentityFlow()) for _ in range(3)]
@@ -39,7 +31,7 @@ def test_aggregate_posterior_is_the_moment_fit_of_the_mixture_of_joint_posterior
     m, A = torch.tensor([1.0, -2.0, 0.5]), torch.randn(3, 3, generator=g, dtype=torch.float64)
     C, v = A @ A.T + torch.eye(3, dtype=torch.float64), torch.tensor([0.25, 0.5, 1.0], dtype=torch.float64)
     means = m + torch.randn(200_000, 3, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(C).T
-    module = _module().double()
+    module = normal_module().double()
     module.set_aggregate_posterior(means, torch.log(v).expand(len(means), 3))
     L = module.aggregate_scale_tril
     torch.testing.assert_close(module.aggregate_mean, m.double(), atol=0.02, rtol=0)
@@ -58,7 +50,7 @@ def test_support_radius_is_the_chi_square_tail_quantile():
 
 
 def test_posterior_mean_leaves_out_draws_beyond_the_aggregate_support():
-    module = _module(latent_dim=2)
+    module = normal_module(latent_dim=2)
     draws = torch.zeros(4, 2, 2)
     draws[:, 0] = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [500.0, 800.0]])  # one flow tail
     draws[:, 1] = 300.0  # every draw of row 1 is out: its fallback is used
@@ -156,7 +148,7 @@ def test_routing_makes_held_out_fit_monotone_in_the_subsets():
     to its best expert; with one that fits better, nothing is routed."""
     from skjnf._modules import JOINT_LOG_VAR, JOINT_MEAN, choose_subset_routes
 
-    module = _module(latent_dim=2, n_modalities=4)
+    module = normal_module(latent_dim=2, n_modalities=4)
     g = torch.Generator().manual_seed(0)
     blocks = {f"m{j}": torch.randn(50, 2, generator=g) for j in range(4)}
     blocks[JOINT_MEAN], blocks[JOINT_LOG_VAR] = torch.zeros(50, 2), torch.full((50, 2), -2.0)
