@@ -409,20 +409,14 @@ def random_subset_masks(noise: Tensor, observed: Tensor | None = None) -> Tensor
     which :func:`stage2_terms` leaves out).
     """
     n_modalities = noise.shape[1] - 1
-    keys = noise[:, :n_modalities]
-    largest = n_modalities - 1
-    if observed is not None:
-        keys = keys.masked_fill(observed <= 0, math.inf)
-        largest = observed.sum(1).clamp(max=n_modalities - 1).long()
-    ranks = keys.argsort(-1).argsort(-1)
-    uniform = 0.5 * (1.0 + torch.erf(noise[:, -1] / math.sqrt(2.0)))
     if observed is None:
-        size = 2 + (uniform * (n_modalities - 2)).long().clamp(max=n_modalities - 3)
-    else:
-        size = (2 + (uniform * (largest - 1)).long()).clamp(min=1)
-        size = torch.minimum(size, largest.clamp(min=1))
-        return ((ranks < size[:, None]) & (observed > 0)).to(noise.dtype)
-    return (ranks < size[:, None]).to(noise.dtype)
+        observed = torch.ones_like(noise[:, :n_modalities])
+    keys = noise[:, :n_modalities].masked_fill(observed <= 0, math.inf)  # unobserved rank last
+    ranks = keys.argsort(-1).argsort(-1)
+    largest = observed.sum(1).clamp(max=n_modalities - 1).long()
+    uniform = 0.5 * (1.0 + torch.erf(noise[:, -1] / math.sqrt(2.0)))
+    size = torch.minimum(2 + (uniform * (largest - 1)).long(), largest).clamp(min=1)
+    return ((ranks < size[:, None]) & (observed > 0)).to(noise.dtype)
 
 
 def stage2_terms(
