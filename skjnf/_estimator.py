@@ -35,7 +35,7 @@ from ._inference import (
 from ._likelihoods import LIKELIHOODS
 from ._modules import OBSERVED
 from ._spec import ModelSpec, build_module, model_spec
-from ._validation import Layout, check_int, rebuild_container, validate_X
+from ._validation import Layout, ModalityData, check_int, rebuild_container, validate_X
 
 __all__ = ["JNFEstimator"]
 
@@ -457,16 +457,23 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         _, data, _ = validate_X(X, layout=self._layout, estimator=self)
-        conditioning = data.observed & self._conditioning(cond_mod)[None, :]
+        stats = HMCStats() if stats is None else stats
+        out = self._latents(data, cond_mod, n_draws, random_state, stats)
+        _warn_about_hmc(stats)
+        return data, out
+
+    def _latents(self, data: ModalityData, cond_mod, n_draws, random_state, stats: HMCStats):
+        """:meth:`_posterior`'s latents for already validated ``data`` (HMC diagnostics into ``stats``)."""
+        requested = self._conditioning(cond_mod)
+        conditioning = data.observed & requested[None, :]
         empty = np.flatnonzero(~conditioning.any(axis=1))
         if len(empty):
             raise ValueError(
                 f"Row(s) {empty[:10].tolist()} observe none of the conditioning modalities "
-                f"{[n for n, c in zip(self.modality_names_, self._conditioning(cond_mod)) if c]}."
+                f"{[n for n, c in zip(self.modality_names_, requested) if c]}."
             )
-        stats = HMCStats() if stats is None else stats
         with frozen_inference(self.module_):
-            out = latents_by_pattern(
+            return latents_by_pattern(
                 self.module_,
                 data,
                 conditioning,
@@ -478,8 +485,6 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
                 subset_posterior=self.subset_posterior,
                 progress=self.verbose > 0,
             )
-        _warn_about_hmc(stats)
-        return data, out
 
     def transform(self, X, cond_mod=None):
         """Latent representation of each row, given its observed conditioning modalities.
@@ -680,7 +685,9 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         targets = [m for m, c in zip(self.modality_names_, mask) if not c]
         if not targets:
             raise ValueError("cond_mod names every modality; nothing is left to score.")
-        _, draws = self._posterior(X, cond_mod, self.n_importance_samples, None)
+        stats = HMCStats()
+        draws = self._latents(data, cond_mod, self.n_importance_samples, None, stats)
+        _warn_about_hmc(stats, stacklevel=3)
         blocks = {m: data.blocks[m].to(self._device) for m in targets}
         observed = None
         if not data.observed[:, ~mask].all():
@@ -776,7 +783,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         return tags
 
 
-def _warn_about_hmc(stats: HMCStats) -> None:
+def _warn_about_hmc(stats: HMCStats, stacklevel: int = 4) -> None:
+    """Warn about a call's HMC diagnostics; ``stacklevel`` 4 from ``_posterior``, 3 from a public method."""
     if not stats.n_rows:
         return
     if abs(stats.acceptance - 0.75) > 0.15:
@@ -784,14 +792,14 @@ def _warn_about_hmc(stats: HMCStats) -> None:
             f"HMC acceptance {stats.acceptance:.2f} is far from its 0.75 target; consider a larger "
             "n_mcmc_steps (longer adaptation) or step_size='auto'.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
     if stats.escaped_rows:
         warnings.warn(
             f"HMC chains of row(s) {stats.escaped_rows[:10]} ended far from the origin (|z| > 10): "
             "the product of experts may be improper for these rows.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
 
 
