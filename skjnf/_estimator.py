@@ -31,6 +31,7 @@ from ._inference import (
     frozen_inference,
     latents_by_pattern,
     marginal_log_likelihood,
+    target_conditioning,
 )
 from ._likelihoods import LIKELIHOODS
 from ._modules import OBSERVED
@@ -420,6 +421,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             expert_weight_decay=self.expert_weight_decay,
             batch_size=self.batch_size,
             early_stopping=self.early_stopping,
+            n_posterior_samples=self.n_posterior_samples,
             verbose=self.verbose,
         )
 
@@ -462,8 +464,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         _warn_about_hmc(stats)
         return data, out
 
-    def _latents(self, data: ModalityData, cond_mod, n_draws, random_state, stats: HMCStats):
-        """:meth:`_posterior`'s latents for already validated ``data`` (HMC diagnostics into ``stats``)."""
+    def _row_conditioning(self, data: ModalityData, cond_mod) -> np.ndarray:
+        """(n, M) mask of the modalities each row is conditioned on: observed and requested."""
         requested = self._conditioning(cond_mod)
         conditioning = data.observed & requested[None, :]
         empty = np.flatnonzero(~conditioning.any(axis=1))
@@ -472,6 +474,13 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
                 f"Row(s) {empty[:10].tolist()} observe none of the conditioning modalities "
                 f"{[n for n, c in zip(self.modality_names_, requested) if c]}."
             )
+        return conditioning
+
+    def _latents(self, data: ModalityData, cond_mod, n_draws, random_state, stats: HMCStats, conditioning=None):
+        """:meth:`_posterior`'s latents for already validated ``data`` (HMC diagnostics into ``stats``),
+        each row conditioned on ``cond_mod`` or, given ``conditioning`` (n, M), on what it marks."""
+        if conditioning is None:
+            conditioning = self._row_conditioning(data, cond_mod)
         with frozen_inference(self.module_):
             return latents_by_pattern(
                 self.module_,
@@ -563,10 +572,31 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         X_pred : same container type as X
             Decoder means at the posterior-mean latent of each row.
         """
-        data, z = self._posterior(X, cond_mod, None, None)
-        decoded = self._decode(z, "predict", self._inference_seed)
+        data, decoded = self._predictions(X, cond_mod, "predict")
         decoded = {m: x.astype(data.dtype, copy=False) for m, x in decoded.items()}
         return rebuild_container(decoded, self._layout, data.container)
+
+    def _predictions(self, X, cond_mod, output: str, names=None):
+        """Validated data and each modality's ``output`` decoded at the posterior mean that predicts it.
+
+        That is the mean given the row's conditioning set S, or, with the amortised subset
+        posterior, given the subset of S that predicted this modality best on the validation rows
+        in ``fit`` (``history_["flows"]["target_routes"]``; ``_inference.choose_target_routes``).
+        """
+        check_is_fitted(self)
+        _, data, _ = validate_X(X, layout=self._layout, estimator=self)
+        conditioning = self._row_conditioning(data, cond_mod)
+        stats, latents, out = HMCStats(), {}, {}
+        for name in names or self.modality_names_:
+            mask = conditioning
+            if self.subset_posterior == "amortized":
+                mask = target_conditioning(self.module_, conditioning, name)
+            key = mask.tobytes()
+            if key not in latents:
+                latents[key] = self._latents(data, None, None, None, stats, conditioning=mask)
+            out[name] = self._decode(latents[key], output, self._inference_seed, [name])[name]
+        _warn_about_hmc(stats)
+        return data, out
 
     def inverse_transform(self, Z):
         """Decode latents into every modality: the point prediction of each likelihood at z.
@@ -618,8 +648,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
                 "predict_probabilities needs a bernoulli or categorical modality; decoders are "
                 f"{dict(zip(self.modality_names_, self._spec.decoders))}."
             )
-        data, z = self._posterior(X, cond_mod, None, None)
-        decoded = self._decode(z, "probabilities", self._inference_seed, names)
+        data, decoded = self._predictions(X, cond_mod, "probabilities", names)
         return {m: x.astype(data.dtype, copy=False) for m, x in decoded.items()}
 
     def sample(self, n_samples=1, X=None, cond_mod=None, random_state=None, add_noise=False):
@@ -764,8 +793,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         if isinstance(weights, dict):
             module = build_module(state["_spec"], None, 0)
             weights = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
-            for key, value in module.state_dict().items():  # a 0.1 pickle has no missing-modality features
-                if ".missing_features." in key:
+            for key, value in module.state_dict().items():  # added since 0.1: defaults (no clipping, no target routes)
+                if ".missing_features." in key or key.startswith("input_ranges.") or key == "target_routes":
                     weights.setdefault(key, value)
             module.load_state_dict(weights)
             device = _loaded_device(state.get("device", "cpu"))

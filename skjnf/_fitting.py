@@ -13,7 +13,7 @@ import torch
 
 from ._contracts import check_contracts
 from ._distributions import reparameterize
-from ._inference import frozen_inference, joint_posterior
+from ._inference import choose_target_routes, frozen_inference, joint_posterior
 from ._modules import (
     JOINT_LOG_VAR,
     JOINT_MEAN,
@@ -47,6 +47,7 @@ class TrainingSettings:
     expert_weight_decay: float
     batch_size: int
     early_stopping: bool
+    n_posterior_samples: int
     verbose: int
 
 
@@ -110,7 +111,8 @@ def split_rows(n: int, validation_fraction: float, seed: int) -> tuple[np.ndarra
 
 
 def build_checked_module(spec: ModelSpec, blocks: dict, observed: np.ndarray, train_rows, seed: int) -> JNFModule:
-    """The networks, started from each modality's observed training rows and probed on two of them."""
+    """The networks, started from each modality's observed training rows and probed on two of them;
+    the encoders clip inputs to each feature's range over all observed rows."""
     train_observed = observed[train_rows]
     train_blocks = {}
     for j, name in enumerate(spec.names):
@@ -120,7 +122,12 @@ def build_checked_module(spec: ModelSpec, blocks: dict, observed: np.ndarray, tr
                 f"Modality {name!r} is observed only in validation rows; observe it in more rows or "
                 "lower validation_fraction."
             )
-    module = build_module(spec, train_blocks, seed)
+    # every row fit was given, validation rows included: none of the user's own rows is clipped
+    ranges = []
+    for j, name in enumerate(spec.names):
+        rows = blocks[name][torch.from_numpy(observed[:, j])]
+        ranges.append((rows.amin(0), rows.amax(0)))
+    module = build_module(spec, train_blocks, seed, ranges)
     check_contracts(module, {m: x[:2] for m, x in train_blocks.items()})
     return module
 
@@ -206,6 +213,9 @@ def _train_stage(module, stage, spec, train, valid, epochs, seed, settings: Trai
     if stage == "flows" and valid is not None and module.subset_encoder is not None:
         with frozen_inference(module):
             history["subset_routes"] = choose_subset_routes(module, valid, valid[NOISE_KEY], valid.get(OBSERVED))
+            history["target_routes"] = choose_target_routes(
+                module, valid, valid.get(OBSERVED), settings.n_posterior_samples, int(valid_seed)
+            )
     part_epochs, part_losses_best = history.pop("part_best_epochs"), history.pop("part_best_losses")
     if stage == "flows" and valid is not None and part_epochs:
         # Each expert's calibration: mean held-out −log q_j(z | x_j) at its kept epoch.

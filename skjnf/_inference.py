@@ -32,6 +32,8 @@ __all__ = [
     "observed_log_likelihood",
     "flow_posterior",
     "decode_in_chunks",
+    "choose_target_routes",
+    "target_conditioning",
 ]
 
 #: Most (draws x rows) pushed through a network at once, per device type: bounds memory.
@@ -329,6 +331,74 @@ def flow_posterior(module: JNFModule, blocks: dict[str, Tensor], cond: Sequence[
         return module.subset_posterior(sub, mask.expand(len(next(iter(sub.values()))), -1))
 
     return FlowPosterior(module, encode, module.subset_flow, n)
+
+
+@torch.no_grad()
+def choose_target_routes(
+    module: JNFModule, blocks: dict[str, Tensor], observed: Tensor | None, n_mean_samples: int, seed: int
+) -> dict[str, dict[str, str]]:
+    """For each subset S of 2..M-1 modalities and each target t outside S, the conditioning set,
+    among S and its subsets, whose posterior mean predicts t best on held-out rows.
+
+    ``blocks`` are validation rows. Each conditioning set C is scored by the mean of
+    −log p(x_t | z̄_C) over the rows observing S and t, with z̄_C the posterior mean that
+    ``predict`` decodes (:func:`flow_posterior`, ``n_mean_samples`` draws). Going up by size, S
+    keeps its own posterior for t unless S minus one modality already predicts t better (through
+    whichever set that one uses): so, on held-out rows, adding a modality never makes a
+    prediction worse. The subset posterior serves every S with one network; where one view
+    determines the latent almost alone, its mean for S follows that view even for a target the
+    others predict better. This is model selection on validation rows, the way
+    :func:`~skjnf._modules.choose_subset_routes` chooses ``transform``'s posterior; it needs
+    2^M - 2 posterior means, so it runs for M <= ``MAX_TARGET_ROUTED_MODALITIES``.
+    ``module.target_routes[S, t]`` gets the bitmask of the set to use; returns
+    ``{"a+b": {"c": "a"}}`` for the pairs routed elsewhere.
+    """
+    routes, names = module.target_routes, module.names
+    n_modalities = len(names)
+    if routes.numel() == 0:
+        return {}
+    n = len(next(iter(blocks.values())))
+    device = next(iter(blocks.values())).device
+    has = torch.ones(n, n_modalities, dtype=torch.bool, device=device) if observed is None else observed > 0
+    losses = {}  # (bitmask, t) -> per-row −log p(x_t | z̄) of that set's posterior mean (n,)
+    used = {}  # (bitmask, t) -> bitmask of the set whose posterior predicts t
+    for bits in sorted(range(1, 2**n_modalities - 1), key=lambda b: bin(b).count("1")):
+        members = [j for j in range(n_modalities) if bits >> j & 1]
+        cond = [names[j] for j in members]
+        generator = torch.Generator(device=device).manual_seed(seed)
+        z = flow_posterior(module, {m: blocks[m] for m in cond}, cond).mean(n_mean_samples, generator)
+        for t, target in enumerate(names):
+            if bits >> t & 1:
+                continue
+            losses[bits, t] = -module.log_likelihood(target, blocks[target], z)
+            candidates = [bits] + [used[bits & ~(1 << j), t] for j in members if len(members) > 1]
+            rows = has[:, members + [t]].all(1)
+            if len(members) > 1 and rows.any():
+                used[bits, t] = min(candidates, key=lambda c: float(losses[c, t][rows].mean()))
+            else:
+                used[bits, t] = bits
+            routes[bits, t] = used[bits, t]
+
+    def label(bits: int) -> str:
+        return "+".join(name for j, name in enumerate(names) if bits >> j & 1)
+
+    chosen = {}
+    for (bits, t), target_bits in used.items():
+        if target_bits != bits:
+            chosen.setdefault(label(bits), {})[names[t]] = label(target_bits)
+    return chosen
+
+
+def target_conditioning(module: JNFModule, conditioning: np.ndarray, target: str) -> np.ndarray:
+    """The conditioning mask (n, M) whose posterior mean predicts ``target`` for each row whose
+    conditioning set is ``conditioning`` (:func:`choose_target_routes`; unchanged where none was chosen)."""
+    routes = module.target_routes
+    if routes.numel() == 0:
+        return conditioning
+    powers = 1 << np.arange(len(module.names))
+    bits = conditioning.astype(np.int64) @ powers
+    used = routes[:, module.index(target)].cpu().numpy()[bits]
+    return (used[:, None] & powers) > 0
 
 
 def posterior(

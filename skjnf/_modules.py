@@ -150,6 +150,25 @@ class SubsetEncoder(nn.Module):
         return self.head(self.body(h))
 
 
+class FeatureRange(nn.Module):
+    """Clips each feature of a flat block (n, d) to the range it had in the training rows.
+
+    The encoders never saw values beyond it; a ReLU network extrapolates linearly there and the
+    flows amplify what it gives. On the standardised digits, a feature with a tiny training
+    spread reached 120 in one test row, the expert reading it put that row's latent 40 standard
+    deviations out, and its decoded predictions alone doubled a view's mean error
+    (docs/subset_posterior.md). Infinite bounds (a model rebuilt from an older pickle) clip nothing.
+    """
+
+    def __init__(self, low: Tensor, high: Tensor):
+        super().__init__()
+        self.register_buffer("low", low)
+        self.register_buffer("high", high)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.minimum(torch.maximum(x, self.low), self.high)
+
+
 class SoftclampedEncoder(nn.Module):
     """Wraps a user encoder so its log-variance gets the same smooth bounds as ours."""
 
@@ -192,7 +211,9 @@ class JNFModule(nn.Module):
     ``shapes`` are the per-row shapes of the blocks (``(d,)`` for tabular data); blocks travel
     flat, (n, prod(shape)), and are reshaped for user networks. ``networks`` maps modality names
     to ``{part: factory}`` (see ``NETWORK_PARTS``); ``flows`` gives each modality's flow, a name
-    of ``_flows.FLOW_NAMES`` or a factory called with ``latent_dim``.
+    of ``_flows.FLOW_NAMES`` or a factory called with ``latent_dim``. ``input_ranges`` gives each
+    modality's per-feature (low, high) over the training rows: every encoder reads its inputs
+    clipped to them (None: unbounded, for placeholders that a state dict overwrites).
     """
 
     def __init__(
@@ -208,9 +229,15 @@ class JNFModule(nn.Module):
         networks: dict | None = None,
         decoder_biases: Sequence[Tensor] | None = None,
         decoder_hidden_sizes: Sequence[int] | None = None,
+        input_ranges: Sequence[tuple[Tensor, Tensor]] | None = None,
     ):
         super().__init__()
         self.names, self.latent_dim = tuple(names), latent_dim
+        if input_ranges is None:
+            input_ranges = [
+                (torch.full((math.prod(s),), -math.inf), torch.full((math.prod(s),), math.inf)) for s in shapes
+            ]
+        self.input_ranges = nn.ModuleList(FeatureRange(low, high) for low, high in input_ranges)
         if decoder_hidden_sizes is None:
             decoder_hidden_sizes = tuple(reversed(tuple(hidden_sizes)))
         self.likelihoods = nn.ModuleList(likelihoods)
@@ -274,6 +301,12 @@ class JNFModule(nn.Module):
         # its subsets fitted held-out rows better; see choose_subset_routes).
         n_routes = 2 ** len(names) if self.subset_encoder is not None and len(names) <= MAX_ROUTED_MODALITIES else 0
         self.register_buffer("subset_routes", torch.arange(n_routes, dtype=torch.long))
+        # Per subset bitmask and target modality, the bitmask of the conditioning set whose posterior
+        # mean predicts that target (itself unless a subset predicted it better on held-out rows;
+        # see _inference.choose_target_routes).
+        n_target_routes = n_routes if len(names) <= MAX_TARGET_ROUTED_MODALITIES else 0
+        target_routes = torch.arange(n_target_routes, dtype=torch.long)[:, None].repeat(1, len(names))
+        self.register_buffer("target_routes", target_routes)
         # Gaussian fit of the joint encoder's aggregate posterior E_X q(z | X), set after stage 1.
         self.register_buffer("aggregate_mean", torch.zeros(latent_dim))
         self.register_buffer("aggregate_scale_tril", torch.eye(latent_dim))
@@ -299,8 +332,8 @@ class JNFModule(nn.Module):
         return self.names.index(name)
 
     def encoder_input(self, j: int, x: Tensor) -> Tensor:
-        """A flat block (n, d) as modality j's encoders read it: (n, *in_shape)."""
-        x = self.likelihoods[j].encoder_input(x)
+        """A flat block (n, d) as modality j's encoders read it: clipped to the training range, (n, *in_shape)."""
+        x = self.likelihoods[j].encoder_input(self.input_ranges[j](x))
         return x.reshape(x.shape[0], *self.in_shapes[j])
 
     def natural_parameters(self, j: int, z: Tensor) -> Tensor:
@@ -391,6 +424,11 @@ OBSERVED = "__observed__"
 
 #: Largest number of modalities for which every subset's posterior is checked on held-out rows.
 MAX_ROUTED_MODALITIES = 12
+
+
+#: Largest number of modalities for which each target's conditioning set is chosen on held-out rows
+#: (2^M - 2 posterior means over the validation rows, and a loss per subset and target).
+MAX_TARGET_ROUTED_MODALITIES = 8
 
 
 #: Random subsets drawn per row and step for the subset posterior's loss (its mean over them). With

@@ -158,11 +158,13 @@ def count_categories(names, decoders, blocks: dict, observed: np.ndarray | None)
     return n_categories
 
 
-def build_module(spec: ModelSpec, train_blocks: dict | None, seed: int) -> JNFModule:
+def build_module(spec: ModelSpec, train_blocks: dict | None, seed: int, input_ranges: list | None = None) -> JNFModule:
     """Build the networks on CPU with a forked, seeded RNG: init never touches the global RNG.
 
     ``train_blocks`` (each modality's observed training rows) set the data-dependent starts:
     learned scales and dispersions from the features' spread, decoder biases at their means.
+    ``input_ranges`` (each modality's per-feature (low, high)) are what the encoders clip their
+    inputs to (None: unbounded).
     ``None`` (unpickling) builds placeholders that a state dict then overwrites.
     """
     names = spec.names
@@ -187,4 +189,5 @@ def build_module(spec: ModelSpec, train_blocks: dict | None, seed: int) -> JNFMo
             networks=dict(spec.networks),
             decoder_biases=biases,
             decoder_hidden_sizes=spec.decoder_hidden_sizes,
+            input_ranges=input_ranges,
         )

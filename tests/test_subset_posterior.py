@@ -169,3 +169,62 @@ def test_routing_makes_held_out_fit_monotone_in_the_subsets():
     with torch.no_grad():
         head.log_var.bias.fill_(-2.0)  # now exactly the joint posterior: the subset posterior wins
         assert choose_subset_routes(module, blocks, noise) == {}
+
+
+def _clipped_copy(X, modality, value, rows=slice(0, 5)):
+    out = {m: x.copy() for m, x in X.items()}
+    out[modality][rows] = value
+    return out
+
+
+@pytest.mark.parametrize("cond", [["a"], ["a", "b"], None])
+def test_encoders_read_each_feature_clipped_to_its_range_in_fit(fitted, views, cond):
+    X, _, _ = views
+    far = _clipped_copy(X, "a", 1e3)  # five rows far beyond what fit saw, in every feature of a
+    at_edge = _clipped_copy(X, "a", X["a"].max(0))
+    np.testing.assert_allclose(fitted.transform(far, cond_mod=cond), fitted.transform(at_edge, cond_mod=cond))
+    assert not np.allclose(fitted.transform(far)[:5], fitted.transform(X)[:5])  # the edge is a real change
+    # the likelihood still reads the values themselves: only the encoders are bounded
+    assert (fitted.score_samples(far)[:5] < fitted.score_samples(at_edge)[:5] - 1e3).all()
+
+
+def test_inputs_inside_the_range_are_not_clipped(fitted, views):
+    X, _, _ = views
+    module = fitted.module_
+    saved = [(r.low.clone(), r.high.clone()) for r in module.input_ranges]
+    try:
+        for r in module.input_ranges:
+            r.low.fill_(-np.inf), r.high.fill_(np.inf)
+        unbounded = fitted.transform(X, cond_mod=["a", "b"])
+    finally:
+        for r, (low, high) in zip(module.input_ranges, saved):
+            r.low.copy_(low), r.high.copy_(high)
+    np.testing.assert_array_equal(fitted.transform(X, cond_mod=["a", "b"]), unbounded)
+    np.testing.assert_allclose(module.input_ranges[0].high.numpy(), X["a"].max(0), rtol=1e-6)  # every fit row
+
+
+def test_each_target_is_predicted_from_the_subset_that_predicted_it_best_on_held_out_rows(fitted, views):
+    from skjnf._inference import choose_target_routes
+
+    X, _, _ = views
+    est = copy.deepcopy(fitted)
+    module = est.module_
+    assert tuple(module.target_routes.shape) == (8, 3)  # subset bitmask x target
+    blocks = {m: torch.as_tensor(X[m], dtype=torch.float32) for m in module.names}
+    with torch.no_grad():
+        module.subset_routes.copy_(torch.arange(8))  # every pair through the subset posterior ...
+        module.subset_encoder.head.mean.bias.add_(20.0)  # ... which now misplaces every row
+        routed = choose_target_routes(module.eval(), blocks, None, 8, 0)
+    for pair, target in ((["a", "b"], "c"), (["a", "c"], "b"), (["b", "c"], "a")):
+        used = routed["+".join(pair)][target]
+        assert used in pair  # one of the pair's own experts, never the misplaced subset posterior
+        prediction = est.predict(X, cond_mod=pair)[target]
+        np.testing.assert_array_equal(prediction, est.predict(X, cond_mod=used)[target])
+        # transform keeps the subset's own posterior: decoding it is far worse than what predict gives
+        decoded = est.inverse_transform(est.transform(X, cond_mod=pair))[target]
+        assert np.mean((decoded - X[target]) ** 2) > 10 * np.mean((prediction - X[target]) ** 2)
+    # without routes, predict is decoding transform's latent
+    module.target_routes.copy_(torch.arange(8)[:, None].repeat(1, 3))
+    np.testing.assert_array_equal(
+        est.predict(X, cond_mod=["a", "b"])["c"], est.inverse_transform(est.transform(X, cond_mod=["a", "b"]))["c"]
+    )
