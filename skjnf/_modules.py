@@ -151,13 +151,16 @@ class SubsetEncoder(nn.Module):
 
 
 class FeatureRange(nn.Module):
-    """Clips each feature of a flat block (n, d) to the range it had in the training rows.
+    """Clips each feature of a flat block (n, d) to the range it had in the rows ``fit`` saw.
 
-    The encoders never saw values beyond it; a ReLU network extrapolates linearly there and the
-    flows amplify what it gives. On the standardised digits, a feature with a tiny training
-    spread reached 120 in one test row, the expert reading it put that row's latent 40 standard
+    The experts and the subset encoder read their inputs through it: they predict the *other*
+    modalities, and beyond the training range a ReLU network extrapolates linearly and the flows
+    amplify what it gives. On the standardised digits, a feature with a tiny training spread
+    reached 120 in one test row, the expert reading it put that row's latent 40 standard
     deviations out, and its decoded predictions alone doubled a view's mean error
-    (docs/subset_posterior.md). Infinite bounds (a model rebuilt from an older pickle) clip nothing.
+    (docs/subset_posterior.md). The joint encoder reads values as they are: its latent explains
+    the row's own values, extreme ones included (clipping it cost 15-25 nats of held-out
+    log-likelihood per digit row). Infinite bounds (a model from an older pickle) clip nothing.
     """
 
     def __init__(self, low: Tensor, high: Tensor):
@@ -212,8 +215,8 @@ class JNFModule(nn.Module):
     flat, (n, prod(shape)), and are reshaped for user networks. ``networks`` maps modality names
     to ``{part: factory}`` (see ``NETWORK_PARTS``); ``flows`` gives each modality's flow, a name
     of ``_flows.FLOW_NAMES`` or a factory called with ``latent_dim``. ``input_ranges`` gives each
-    modality's per-feature (low, high) over the training rows: every encoder reads its inputs
-    clipped to them (None: unbounded, for placeholders that a state dict overwrites).
+    modality's per-feature (low, high) over the rows fit saw: the experts and the subset encoder
+    read their inputs clipped to them (None: unbounded, for placeholders a state dict overwrites).
     """
 
     def __init__(
@@ -331,9 +334,10 @@ class JNFModule(nn.Module):
     def index(self, name: str) -> int:
         return self.names.index(name)
 
-    def encoder_input(self, j: int, x: Tensor) -> Tensor:
-        """A flat block (n, d) as modality j's encoders read it: clipped to the training range, (n, *in_shape)."""
-        x = self.likelihoods[j].encoder_input(self.input_ranges[j](x))
+    def encoder_input(self, j: int, x: Tensor, clip: bool = True) -> Tensor:
+        """A flat block (n, d) as modality j's encoders read it, (n, *in_shape): clipped to the
+        range of fit's rows for the cross-modal encoders, as it is for the joint one (``clip=False``)."""
+        x = self.likelihoods[j].encoder_input(self.input_ranges[j](x) if clip else x)
         return x.reshape(x.shape[0], *self.in_shapes[j])
 
     def natural_parameters(self, j: int, z: Tensor) -> Tensor:
@@ -343,7 +347,7 @@ class JNFModule(nn.Module):
     def joint_posterior(self, blocks: dict[str, Tensor], observed: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(mean, log-variance) of q(z | X), or of q(z | x_O) given ``observed`` (n, M) marking O
         (every block present, zeros where a modality is missing)."""
-        inputs = [self.encoder_input(j, blocks[name]) for j, name in enumerate(self.names)]
+        inputs = [self.encoder_input(j, blocks[name], clip=False) for j, name in enumerate(self.names)]
         return self.joint_encoder(inputs, observed)
 
     def expert_posterior(self, name: str, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -177,14 +177,22 @@ def _clipped_copy(X, modality, value, rows=slice(0, 5)):
     return out
 
 
-@pytest.mark.parametrize("cond", [["a"], ["a", "b"], None])
-def test_encoders_read_each_feature_clipped_to_its_range_in_fit(fitted, views, cond):
+@pytest.mark.parametrize("cond", [["a"], ["a", "b"], ["a", "c"]])
+def test_cross_modal_encoders_read_each_feature_clipped_to_its_range_in_fit(fitted, views, cond):
     X, _, _ = views
+    est = copy.deepcopy(fitted)
+    est.module_.subset_routes.copy_(torch.arange(8))  # pairs through the subset encoder, not an expert
     far = _clipped_copy(X, "a", 1e3)  # five rows far beyond what fit saw, in every feature of a
     at_edge = _clipped_copy(X, "a", X["a"].max(0))
-    np.testing.assert_allclose(fitted.transform(far, cond_mod=cond), fitted.transform(at_edge, cond_mod=cond))
-    assert not np.allclose(fitted.transform(far)[:5], fitted.transform(X)[:5])  # the edge is a real change
-    # the likelihood still reads the values themselves: only the encoders are bounded
+    np.testing.assert_allclose(est.transform(far, cond_mod=cond), est.transform(at_edge, cond_mod=cond))
+    assert not np.allclose(est.transform(at_edge, cond_mod=cond)[:5], est.transform(X, cond_mod=cond)[:5])
+
+
+def test_joint_encoder_and_likelihood_read_values_as_they_are(fitted, views):
+    X, _, _ = views
+    far, at_edge = _clipped_copy(X, "a", 1e3), _clipped_copy(X, "a", X["a"].max(0))
+    assert not np.allclose(fitted.transform(far)[:5], fitted.transform(at_edge)[:5])
+    np.testing.assert_array_equal(fitted.transform(far)[5:], fitted.transform(at_edge)[5:])
     assert (fitted.score_samples(far)[:5] < fitted.score_samples(at_edge)[:5] - 1e3).all()
 
 
