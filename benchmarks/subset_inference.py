@@ -8,7 +8,11 @@ MSE in standardised units (predicting the training mean scores about 1). Reporte
 * the MSE matrix: target view x conditioning set, with RidgeCV from the same views as the
   baseline a user would reach for (and, for linear-gaussian, the Bayes-optimal MSE);
 * monotonicity: for every target m and every S with |S| >= 2, MSE(S) <= min_{j in S} MSE({j})
-  (within a 2 % tolerance for Monte Carlo noise) — violations are listed;
+  (within a 2 % tolerance for Monte Carlo noise) — violations are listed, and those beyond the
+  noise of the test rows themselves: the lower end of a paired bootstrap 95 % interval of the
+  ratio (2000 resamples of the test rows) above 1 + tolerance. On the standardised digits a
+  handful of test rows ink a pixel that is almost always blank in training (standardised values
+  of 20-120): their errors dominate a view's mean, so a ratio of 1.15 can rest on one row;
 * the ratio MSE(all other views) / MSE(self-reconstruction from every view);
 * escaped HMC rows, acceptance, and the time of each method's predictions.
 
@@ -40,6 +44,7 @@ from _tables import TABLES, bayes_predict, load_table  # noqa: E402
 
 METHODS = ("amortized", "product", "product_prior", "generative")
 TOLERANCE = 0.02  # relative slack of the monotonicity check (Monte Carlo noise of the means)
+BOOTSTRAP = 2000  # resamples of the test rows for the paired interval of each violating ratio
 
 
 def conditioning_sets(names):
@@ -47,7 +52,12 @@ def conditioning_sets(names):
 
 
 def mse(pred: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean((np.asarray(pred, np.float64) - truth) ** 2))
+    return float(np.mean(row_errors(pred, truth)))
+
+
+def row_errors(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-row mean squared error over the view's features."""
+    return np.mean((np.asarray(pred, np.float64) - truth) ** 2, axis=1)
 
 
 def ridge_mse(table, cond, target) -> float:
@@ -61,7 +71,7 @@ def ridge_mse(table, cond, target) -> float:
 def evaluate(estimator, table, method: str) -> dict:
     """MSE of every (conditioning set, target), HMC escape warnings and the total prediction time."""
     estimator.set_params(subset_posterior=method)
-    names, results, escaped, seconds = table.names, {}, 0, 0.0
+    names, results, rows, escaped, seconds = table.names, {}, {}, 0, 0.0
     for cond in conditioning_sets(names):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -71,12 +81,24 @@ def evaluate(estimator, table, method: str) -> dict:
         escaped += sum("far from the origin" in str(w.message) for w in caught)
         for target in names:
             if target not in cond:
-                results["+".join(cond) + ">" + target] = mse(pred[target], table.test[target])
-    return {"mse": results, "escape_warnings": escaped, "seconds": seconds}
+                key = "+".join(cond) + ">" + target
+                rows[key] = row_errors(pred[target], table.test[target])
+                results[key] = float(rows[key].mean())
+    return {"mse": results, "row_errors": rows, "escape_warnings": escaped, "seconds": seconds}
 
 
-def monotonicity(mse_of: dict, names) -> tuple[list[str], float]:
-    """Violations of MSE(S) <= (1 + tol) min_{j in S} MSE({j}), and the worst ratio."""
+def beyond_noise(errors: np.ndarray, best: np.ndarray, seed: int = 0) -> bool:
+    """Whether mean(errors) / mean(best) exceeds 1 + tol at the lower end of a paired bootstrap
+    95 % interval over the test rows."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(errors), size=(BOOTSTRAP, len(errors)))
+    ratios = errors[picks].mean(1) / best[picks].mean(1)
+    return bool(np.quantile(ratios, 0.025) > 1 + TOLERANCE)
+
+
+def monotonicity(mse_of: dict, names, rows: dict | None = None) -> tuple[list[str], float]:
+    """Violations of MSE(S) <= (1 + tol) min_{j in S} MSE({j}), and the worst ratio; given the
+    per-row errors ``rows``, violations beyond the test rows' noise are marked "(beyond noise)"."""
     violations, worst = [], 0.0
     for cond in conditioning_sets(names):
         if len(cond) < 2:
@@ -84,11 +106,13 @@ def monotonicity(mse_of: dict, names) -> tuple[list[str], float]:
         for target in names:
             if target in cond:
                 continue
-            best_single = min(mse_of[f"{j}>{target}"] for j in cond)
-            ratio = mse_of["+".join(cond) + ">" + target] / best_single
+            best = min(cond, key=lambda j: mse_of[f"{j}>{target}"])
+            key = "+".join(cond) + ">" + target
+            ratio = mse_of[key] / mse_of[f"{best}>{target}"]
             worst = max(worst, ratio)
             if ratio > 1 + TOLERANCE:
-                violations.append(f"{'+'.join(cond)}>{target}: {ratio:.2f}x")
+                noise = rows is not None and beyond_noise(rows[key], rows[f"{best}>{target}"])
+                violations.append(f"{key}: {ratio:.2f}x" + (" (beyond noise)" if noise else ""))
     return violations, worst
 
 
@@ -126,7 +150,7 @@ def run_table(name: str, methods, params: dict, seed: int) -> dict:
                     out["bayes"][key] = mse(bayes[target], table.test[target])
     for method in methods:
         result = evaluate(estimator, table, method)
-        violations, worst = monotonicity(result["mse"], table.names)
+        violations, worst = monotonicity(result["mse"], table.names, result.pop("row_errors"))
         others = {t: result["mse"]["+".join(m for m in table.names if m != t) + ">" + t] for t in table.names}
         result.update(
             violations=violations,
@@ -136,10 +160,15 @@ def run_table(name: str, methods, params: dict, seed: int) -> dict:
         out["methods"][method] = result
         print(
             f"{name:16s} {method:14s} {result['seconds']:7.1f} s  worst S/best-single {worst:5.2f}  "
-            f"violations {len(violations):3d}  escapes {result['escape_warnings']}",
+            f"violations {len(violations):3d} ({significant(violations)} beyond noise)  "
+            f"escapes {result['escape_warnings']}",
             flush=True,
         )
     return out
+
+
+def significant(violations: list[str]) -> int:
+    return sum(v.endswith("(beyond noise)") for v in violations)
 
 
 def summary(results: list[dict]) -> list[str]:
@@ -152,7 +181,8 @@ def summary(results: list[dict]) -> list[str]:
             r = res["methods"][method]
             escapes = f", {r['escape_warnings']} escaping sets" if r["escape_warnings"] else ""
             ratio = f"{r['worst_ratio']:.2f}" if r["worst_ratio"] < 1000 else "diverged (> 1000)"
-            cells.append(f"{ratio}{escapes} ({r['seconds']:.1f} s)")
+            beyond = f", {significant(r['violations'])} beyond noise" if r["violations"] else ""
+            cells.append(f"{ratio}{beyond}{escapes} ({r['seconds']:.1f} s)")
         views = "+".join(str(d) for d in res["views"].values())
         lines.append(f"| {res['table']} ({views}) | " + " | ".join(cells) + " |")
     return lines
@@ -163,7 +193,8 @@ def markdown(results: list[dict]) -> str:
         "# Subset inference on real tables",
         "",
         "Worst MSE(S) / best single view over targets and sets of two or more views "
-        "(<= 1: more views never hurt), HMC escape warnings, and the time of all the table's predictions:",
+        "(<= 1: more views never hurt), the violations whose paired bootstrap interval over the test rows "
+        "lies above 1.02, HMC escape warnings, and the time of all the table's predictions:",
         "",
         *summary(results),
         "",
@@ -175,14 +206,15 @@ def markdown(results: list[dict]) -> str:
             + ", ".join(f"{m} {d}" for m, d in res["views"].items())
             + f"; fit {res['fit_seconds']:.0f} s, best epochs {res['best_epochs']})",
             "",
-            "| method | time (s) | worst MSE(S) / best single | violations | escape warnings | "
+            "| method | time (s) | worst MSE(S) / best single | violations (beyond noise) | escape warnings | "
             "all-others / self (per target) |",
             "|---|---|---|---|---|---|",
         ]
         for method, r in res["methods"].items():
             ratios = ", ".join(f"{t} {v:.2f}" for t, v in r["all_others_over_self"].items())
             lines.append(
-                f"| {method} | {r['seconds']:.1f} | {r['worst_ratio']:.2f} | {len(r['violations'])} | "
+                f"| {method} | {r['seconds']:.1f} | {r['worst_ratio']:.2f} | "
+                f"{len(r['violations'])} ({significant(r['violations'])}) | "
                 f"{r['escape_warnings']} | {ratios} |"
             )
         lines += [
