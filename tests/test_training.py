@@ -272,12 +272,15 @@ def test_zero_epochs_warn(views):
     assert math.isfinite(jnf.score(X))
 
 
-def test_early_stopping_stops_a_stage(views):
+# 216 training rows: 27 steps per epoch at batch 8 (10 epochs are 270 steps), 7 at batch 32,
+# where 100 steps take 15 epochs
+@pytest.mark.parametrize("batch_size, patience", [(8, training.PATIENCE), (32, 15)])
+def test_early_stopping_waits_ten_epochs_and_a_hundred_steps(views, batch_size, patience):
     X, _, _ = views
-    jnf = small_jnf(joint_epochs=2, flow_epochs=200, early_stopping=True, lr=0.05).fit(X)
+    jnf = small_jnf(joint_epochs=2, flow_epochs=200, early_stopping=True, lr=0.05, batch_size=batch_size).fit(X)
     n_epochs = len(jnf.history_["flows"]["epochs"])
     assert n_epochs < 200
-    assert n_epochs - jnf.history_["flows"]["best_epoch"] == training.PATIENCE
+    assert n_epochs - jnf.history_["flows"]["best_epoch"] == patience
 
 
 def test_no_validation_set_selects_by_training_loss(views):
