@@ -282,8 +282,14 @@ def train_stage(
             net.fit_loop(dataset, epochs=epochs)
         except _StopStage:
             if verbose:
-                print(f"Early stopping {stage.label} at epoch {len(net.history)}")
+                print(
+                    f"Early stopping {stage.label} at epoch {len(net.history)}: no part improved its "
+                    f"{'validation' if valid is not None else 'training'} loss for {patience} epochs "
+                    f"({patience * steps_per_epoch} steps)"
+                )
         net.notify("on_train_end", X=dataset, y=None)
+        if verbose:
+            print(f"{stage.label}: kept the weights of epoch {best.best_epoch_} of {len(net.history)}")
     rows = [
         {
             "epoch": int(row["epoch"]),

@@ -302,3 +302,15 @@ def test_gaussian_log_prob_matches_torch():
     x, m, lv = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3))
     expected = torch.distributions.Normal(m, torch.exp(0.5 * lv)).log_prob(x).sum(-1)
     torch.testing.assert_close(gaussian_log_prob(x, m, lv), expected)
+
+
+def test_verbose_reports_why_a_stage_stopped_and_which_epoch_it_kept(views, capsys):
+    X, _, _ = views
+    jnf = small_jnf(joint_epochs=2, flow_epochs=200, lr=0.05, verbose=1).fit(X)
+    out = capsys.readouterr().out
+    n_epochs, best = len(jnf.history_["flows"]["epochs"]), jnf.history_["flows"]["best_epoch"]
+    # 216 training rows in batches of 32: 7 steps an epoch, 15 epochs to wait 100 steps
+    stopped = f"Early stopping stage 2 (flows) at epoch {n_epochs}: no part improved its validation loss"
+    assert f"{stopped} for 15 epochs (105 steps)" in out
+    assert f"stage 2 (flows): kept the weights of epoch {best} of {n_epochs}" in out
+    assert "stage 1 (joint VAE): kept the weights of epoch" in out
