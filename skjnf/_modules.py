@@ -117,7 +117,8 @@ class SubsetEncoder(nn.Module):
 
     It reads each modality through the joint encoder's trunk, frozen in stage 2 (features the
     joint encoder learned for inferring z from that modality, whatever network the user gave
-    it), and a small readout of its own: features h_j and positive weights w_j (per feature).
+    it), plus a linear map of the input itself (a narrow trunk keeps only what the joint encoder
+    needed *with* the other modalities), and gives features h_j and positive weights w_j.
     The modalities in S are pooled by their weighted mean Σ w_j h_j / Σ w_j, as a product of
     Gaussian experts pools means by precision, so one informative modality can dominate where it
     knows more. An embedding of S is added and an MLP with Gaussian heads reads the result. One
@@ -125,22 +126,30 @@ class SubsetEncoder(nn.Module):
     outside S may be passed as ``None``.
     """
 
-    def __init__(self, trunk_widths: Sequence[int], hidden_sizes: Sequence[int], latent_dim: int):
+    def __init__(
+        self, trunk_widths: Sequence[int], in_features: Sequence[int], hidden_sizes: Sequence[int], latent_dim: int
+    ):
         super().__init__()
         width = hidden_sizes[-1] if len(hidden_sizes) else 2 * latent_dim
         self.width = width
         self.readouts = nn.ModuleList(nn.Linear(w, 2 * width) for w in trunk_widths)
+        # a linear view of the input itself: what a narrow trunk passes on only jointly with the
+        # other modalities' features is lost for a subset without them
+        self.raw_readouts = nn.ModuleList(nn.Linear(d, 2 * width, bias=False) for d in in_features)
         self.subset_embedding = nn.Linear(len(trunk_widths), width)
         body = [nn.ReLU(), *mlp(width, hidden_sizes[-1:])] if len(hidden_sizes) else []
         self.body = nn.Sequential(*body)
         self.head = GaussianHead(width, latent_dim)
 
-    def forward(self, trunk_features: Sequence[Tensor | None], mask: Tensor) -> tuple[Tensor, Tensor]:
-        """``mask`` (n, M), or (n, k, M) for k subsets of each row: the readouts then run once per row."""
+    def forward(
+        self, trunk_features: Sequence[Tensor | None], inputs: Sequence[Tensor | None], mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``inputs`` are the flat blocks the trunks read; ``mask`` (n, M), or (n, k, M) for k
+        subsets of each row: the readouts then run once per row."""
         weighted, total = 0.0, 0.0
-        for j, (readout, h) in enumerate(zip(self.readouts, trunk_features)):
+        for j, (readout, raw, h, x) in enumerate(zip(self.readouts, self.raw_readouts, trunk_features, inputs)):
             if h is not None:
-                features, raw_weight = readout(h).split(self.width, dim=-1)
+                features, raw_weight = (readout(h) + raw(x)).split(self.width, dim=-1)
                 if mask.dim() == 3:
                     features, raw_weight = features[:, None], raw_weight[:, None]
                 weight = mask[..., j : j + 1] * F.softplus(raw_weight)
@@ -296,7 +305,9 @@ class JNFModule(nn.Module):
         # Subsets of 2..M-1 modalities exist only from M = 3 on.
         self.subset_encoder = self.subset_flow = None
         if len(names) >= 3:
-            self.subset_encoder = SubsetEncoder(widths, hidden_sizes, latent_dim)
+            self.subset_encoder = SubsetEncoder(
+                widths, [math.prod(s) for s in self.in_shapes], hidden_sizes, latent_dim
+            )
             subset_flow = next((f for f in flows if isinstance(f, str)), "maf")
             self.subset_flow = make_flow(subset_flow, latent_dim, n_flow_blocks, flow_hidden_sizes)
         # Per subset bitmask, the bitmask of the subset whose posterior it uses (itself unless one of
@@ -362,12 +373,10 @@ class JNFModule(nn.Module):
 
         Each modality is read through the joint encoder's trunk (clipped to fit's range first).
         """
-        trunks = self.joint_encoder.trunks
-        features = [
-            trunks[j](self.encoder_input(j, blocks[name])) if name in blocks else None
-            for j, name in enumerate(self.names)
-        ]
-        return self.subset_encoder(features, mask)
+        inputs = [self.encoder_input(j, blocks[name]) if name in blocks else None for j, name in enumerate(self.names)]
+        features = [None if x is None else trunk(x) for trunk, x in zip(self.joint_encoder.trunks, inputs)]
+        flat = [None if x is None else x.reshape(len(x), -1) for x in inputs]
+        return self.subset_encoder(features, flat, mask)
 
     def set_aggregate_posterior(self, mean: Tensor, log_var: Tensor) -> None:
         """Fit N(m, Σ) to E_X q(z | X) from the joint posteriors of the training rows.

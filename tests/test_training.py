@@ -72,9 +72,10 @@ def test_stage_losses_match_the_formulas_by_hand():
     for draw in range(k):
         mask = random_subset_masks(noise2[:, 2 + 4 * draw : 2 + 4 * (draw + 1)])
         assert mask.sum(1).eq(2).all()  # M = 3: every subset S has 2 modalities
-        # the subset encoder reads each modality through the joint encoder's (frozen) trunk
-        features = [trunk(blocks[name]) for trunk, name in zip(module.joint_encoder.trunks, ["a", "b", "c"])]
-        m, lv = module.subset_encoder(features, mask)
+        # the subset encoder reads each modality through the joint encoder's (frozen) trunk, and linearly
+        inputs = [blocks[name] for name in ["a", "b", "c"]]
+        features = [trunk(x) for trunk, x in zip(module.joint_encoder.trunks, inputs)]
+        m, lv = module.subset_encoder(features, inputs, mask)
         subset_log_q = torch.distributions.Normal(m, torch.exp(0.5 * lv)).log_prob(u).sum(-1) + log_det
         expected2 = expected2 - subset_log_q / k
     torch.testing.assert_close(stage2_loss(module, blocks, noise2), expected2, atol=1e-6, rtol=0)
