@@ -841,7 +841,11 @@ def main(argv=None) -> int:
                 "ours": ours,
                 "peer": peer,
                 "nll_k": args.nll_k,
-                "reference_scales": reference_scales(ds, args),
+                "reference_scales": (
+                    {m: REFERENCE_DEFAULTS["scale"] for m in ds.names}
+                    if args.at_defaults
+                    else reference_scales(ds, args)
+                ),
                 "n_train": len(next(iter(ds.train.values()))),
                 "n_test": len(next(iter(ds.test.values()))),
             }
