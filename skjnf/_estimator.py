@@ -180,9 +180,10 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         What ``transform`` returns: the posterior mean or one posterior draw.
     subset_posterior : {"amortized", "product", "product_prior", "generative"}, default="amortized"
         The posterior given a subset of 2..M-1 modalities. ``"amortized"``: a subset encoder
-        (each modality's features pooled by learned weights over the subset) and a flow of its
-        own, trained in stage 2 like the experts, on a random subset per row, to cover the joint
-        posterior; its mean and draws cost one flow pass, as for one modality.
+        (each modality read through the joint encoder's frozen trunk plus a linear map of its
+        input, pooled by learned weights over the subset) and a flow of its own, trained in
+        stage 2 like the experts, on two random subsets per row, to cover the joint posterior;
+        its mean and draws cost one flow pass, as for one modality.
         ``"product"``: the experts' product divided by a Gaussian fit of the joint encoder's
         aggregate posterior (the density the experts integrate to), sampled by HMC.
         ``"product_prior"``: the paper's product of experts divided by the prior N(0, I), by HMC.
