@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 from numbers import Integral, Real
@@ -729,7 +731,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             raise ValueError("cond_mod names every modality; nothing is left to score.")
         stats = HMCStats()
         draws = self._latents(data, cond_mod, self.n_importance_samples, None, stats)
-        _warn_about_hmc(stats, stacklevel=3)
+        _warn_about_hmc(stats)
         blocks = {m: data.blocks[m].to(self._device) for m in targets}
         observed = None
         if not data.observed[:, ~mask].all():
@@ -825,10 +827,27 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         return tags
 
 
-def _warn_about_hmc(stats: HMCStats, stacklevel: int = 4) -> None:
-    """Warn about a call's HMC diagnostics; ``stacklevel`` 4 from ``_posterior``, 3 from a public method."""
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+#: scikit-learn wraps ``transform`` (set_output); a warning should skip that frame too.
+_WRAPPER_FILES = (os.path.join("sklearn", "utils", "_set_output.py"),)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` at which a warning raised by this function's caller names the first
+    frame outside skjnf and scikit-learn's method wrappers: the user's own call."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR) or frame.f_code.co_filename.endswith(_WRAPPER_FILES)
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_about_hmc(stats: HMCStats) -> None:
+    """Warn about a call's HMC diagnostics, at the user's call (however deep inside skjnf)."""
     if not stats.n_rows:
         return
+    stacklevel = _user_stacklevel()
     if abs(stats.acceptance - 0.75) > 0.15:
         warnings.warn(
             f"HMC acceptance {stats.acceptance:.2f} is far from its 0.75 target; consider a larger "

@@ -172,3 +172,21 @@ def test_joint_inference_in_row_chunks_equals_one_pass(fitted, views, monkeypatc
     with torch.no_grad():
         mean, _ = fitted.module_.joint_posterior({m: torch.tensor(x, dtype=torch.float32) for m, x in X.items()})
     np.testing.assert_allclose(whole, mean.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["transform", "predict", "sample_latent", "score_samples"])
+def test_hmc_warnings_point_at_the_users_call(fitted, views, method):
+    """The warning names this file, not skjnf's internals nor scikit-learn's set_output wrapper."""
+    X, _, _ = views
+    est = copy.copy(fitted).set_params(subset_posterior="product_prior", step_size=10.0, n_mcmc_steps=2)
+    call = {
+        "transform": lambda: est.transform(X, cond_mod=["a", "b"]),
+        "predict": lambda: est.predict(X, cond_mod=["a", "b"]),
+        "sample_latent": lambda: est.sample_latent(X, cond_mod=["a", "b"]),
+        "score_samples": lambda: est.score_samples(X, cond_mod=["a", "b"]),
+    }[method]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    hmc = [w for w in caught if "HMC" in str(w.message)]
+    assert hmc and all(w.filename == __file__ for w in hmc), [(w.filename, w.lineno) for w in hmc]
