@@ -156,3 +156,29 @@ def test_image_example_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     figure = script.parent / "output" / "images_generation.png"
     assert figure.exists() and figure.stat().st_size > 10_000
+
+
+class CountingTrunk(ConvTrunk):
+    calls = 0
+
+    def forward(self, x):
+        type(self).calls += 1
+        return super().forward(x)
+
+
+def test_the_subset_posterior_reads_a_custom_trunk():
+    """With three modalities, the subset encoder reads the image through the user's conv trunk
+    (frozen after stage 1), not through a flat MLP of its own."""
+    X, _ = _images()
+    X["half"] = X["summary"][:, :8]
+    X["summary"] = X["summary"][:, 8:]
+    networks = {"image": {**CONV["image"], "trunk": CountingTrunk}}
+    jnf = small_jnf(latent_dim=4, networks=networks, hidden_sizes=(16,), joint_epochs=2, flow_epochs=2).fit(X)
+    assert not hasattr(jnf.module_.subset_encoder, "trunks")  # no networks of its own on the inputs
+    jnf.module_.subset_routes.copy_(torch.arange(8))  # {image, half} through the subset encoder
+    CountingTrunk.calls = 0
+    z = jnf.transform(X, cond_mod=["image", "half"])
+    assert CountingTrunk.calls > 0 and np.isfinite(z).all()
+    CountingTrunk.calls = 0
+    jnf.transform(X, cond_mod=["image"])  # the image's expert is a user encoder: no trunk
+    assert CountingTrunk.calls == 0
