@@ -198,8 +198,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         one of its subsets (or one expert) to that posterior (``history_["flows"]["subset_routes"]``),
         and, for up to 8 modalities, chooses per subset S and target modality t the subset of S
         whose posterior mean predicted t best on the validation rows: ``predict`` decodes t from
-        that one (``history_["flows"]["target_routes"]``), so on held-out rows adding a modality
-        never makes a prediction worse; ``transform`` keeps S's own posterior. The experts and
+        that one (``history_["flows"]["target_routes"]``), so on the validation rows adding a
+        modality never made a prediction worse; ``transform`` and ``sample`` keep S's own posterior. The experts and
         the subset encoder read each feature clipped to its range in ``fit`` (on the standardised
         digits one test row at 120 standard deviations had doubled a view's mean error).
     n_mcmc_steps : int, default=20
