@@ -42,9 +42,6 @@ from ._validation import Layout, ModalityData, check_int, rebuild_container, val
 
 __all__ = ["JNFEstimator"]
 
-# Warnings raised in private steps use stacklevel=4 to point at the user's call:
-# user code -> public method (or fit's validation wrapper + fit) -> private step -> warn.
-
 
 def _resolve_device(device) -> torch.device:
     if device == "auto":

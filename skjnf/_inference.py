@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ._chunks import row_chunks
 from ._distributions import gaussian_log_prob, reparameterize, std_normal_log_prob
 from ._hmc import hmc_sample, product_of_experts_log_prob
-from ._modules import JNFModule
+from ._modules import JNFModule, pick_route, subset_label, subsets_by_size
 
 __all__ = [
     "SUBSET_POSTERIORS",
@@ -362,8 +362,7 @@ def choose_target_routes(
     has = torch.ones(n, n_modalities, dtype=torch.bool, device=device) if observed is None else observed > 0
     losses = {}  # (bitmask, t) -> per-row −log p(x_t | z̄) of that set's posterior mean (n,)
     used = {}  # (bitmask, t) -> bitmask of the set whose posterior predicts t
-    for bits in sorted(range(1, 2**n_modalities - 1), key=lambda b: bin(b).count("1")):
-        members = [j for j in range(n_modalities) if bits >> j & 1]
+    for bits, members in subsets_by_size(n_modalities):
         cond = [names[j] for j in members]
         generator = torch.Generator(device=device).manual_seed(seed)
         z = flow_posterior(module, {m: blocks[m] for m in cond}, cond).mean(n_mean_samples, generator)
@@ -371,21 +370,16 @@ def choose_target_routes(
             if bits >> t & 1:
                 continue
             losses[bits, t] = -module.log_likelihood(target, blocks[target], z)
-            candidates = [bits] + [used[bits & ~(1 << j), t] for j in members if len(members) > 1]
-            rows = has[:, members + [t]].all(1)
-            if len(members) > 1 and rows.any():
-                used[bits, t] = min(candidates, key=lambda c: float(losses[c, t][rows].mean()))
-            else:
-                used[bits, t] = bits
+            used[bits, t] = bits
+            if len(members) > 1:  # one modality: its expert, nothing smaller to compare with
+                used[bits, t] = pick_route(
+                    bits, members, lambda c, t=t: used[c, t], lambda c, t=t: losses[c, t], has[:, members + [t]].all(1)
+                )
             routes[bits, t] = used[bits, t]
-
-    def label(bits: int) -> str:
-        return "+".join(name for j, name in enumerate(names) if bits >> j & 1)
-
     chosen = {}
     for (bits, t), target_bits in used.items():
         if target_bits != bits:
-            chosen.setdefault(label(bits), {})[names[t]] = label(target_bits)
+            chosen.setdefault(subset_label(names, bits), {})[names[t]] = subset_label(names, target_bits)
     return chosen
 
 

@@ -559,6 +559,27 @@ def stage2_noise_dim(module: JNFModule) -> int:
 
 
 @torch.no_grad()
+def subsets_by_size(n_modalities: int):
+    """(bitmask, member indices) of every non-empty proper subset of M modalities, smallest first."""
+    for bits in sorted(range(1, 2**n_modalities - 1), key=lambda b: bin(b).count("1")):
+        yield bits, [j for j in range(n_modalities) if bits >> j & 1]
+
+
+def pick_route(bits: int, members: list[int], used, row_loss, rows: Tensor) -> int:
+    """The posterior subset ``bits`` (S) uses, going up by size: its own unless S minus one member
+    already does better through whatever that one uses (``used(smaller bitmask)``), judged by the
+    mean of ``row_loss(bitmask)`` (n,) over ``rows``; with no rows to judge, its own."""
+    if not rows.any():
+        return bits
+    candidates = [bits] + [used(bits & ~(1 << j)) for j in members]
+    return min(candidates, key=lambda c: float(row_loss(c)[rows].mean()))
+
+
+def subset_label(names, bits: int) -> str:
+    """``"a+c"`` for the modalities a bitmask marks."""
+    return "+".join(name for j, name in enumerate(names) if bits >> j & 1)
+
+
 def choose_subset_routes(
     module: JNFModule, blocks: dict[str, Tensor], noise: Tensor, observed: Tensor | None = None
 ) -> dict[str, str]:
@@ -586,23 +607,14 @@ def choose_subset_routes(
     for j, name in enumerate(module.names):
         row_losses[1 << j] = -module.expert_log_prob(name, z, *module.expert_posterior(name, blocks[name]))
         used[1 << j] = 1 << j
-    for bits in sorted(range(1, 2**n_modalities - 1), key=lambda b: bin(b).count("1")):
-        members = [j for j in range(n_modalities) if bits >> j & 1]
+    for bits, members in subsets_by_size(n_modalities):
         if len(members) < 2:
             continue
         mask = torch.zeros(len(z), n_modalities, device=z.device)
         mask[:, members] = 1.0
         mean, log_var = module.subset_posterior(blocks, mask)
         row_losses[bits] = -expert_log_prob(z, mean, log_var, module.subset_flow)
-        rows = has[:, members].all(1)
-        candidates = [bits] + [used[bits & ~(1 << j)] for j in members]
-        if rows.any():
-            used[bits] = min(candidates, key=lambda c: float(row_losses[c][rows].mean()))
-        else:
-            used[bits] = bits
+        used[bits] = pick_route(bits, members, used.__getitem__, row_losses.__getitem__, has[:, members].all(1))
         routes[bits] = used[bits]
-
-    def label(bits: int) -> str:
-        return "+".join(name for j, name in enumerate(module.names) if bits >> j & 1)
-
-    return {label(bits): label(target) for bits, target in used.items() if target != bits}
+    names = module.names
+    return {subset_label(names, bits): subset_label(names, target) for bits, target in used.items() if target != bits}
