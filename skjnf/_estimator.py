@@ -179,8 +179,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         What ``transform`` returns: the posterior mean or one posterior draw.
     subset_posterior : {"amortized", "product", "product_prior", "generative"}, default="amortized"
         The posterior given a subset of 2..M-1 modalities. ``"amortized"``: a subset encoder
-        (each modality read through the joint encoder's frozen trunk plus a linear map of its
-        input, pooled by learned weights over the subset) and a flow of its own, trained in
+        (each modality read through the joint encoder's frozen trunk plus a one-hidden-layer
+        view of its input, pooled by learned weights over the subset) and a flow of its own, trained in
         stage 2 like the experts, on two random subsets per row, to cover the joint posterior;
         its mean and draws cost one flow pass, as for one modality.
         ``"product"``: the experts' product divided by a Gaussian fit of the joint encoder's
@@ -206,8 +206,10 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
     step_size : "auto" or float, default="auto"
         HMC step: adapted per row during burn-in towards acceptance 0.75, or fixed.
     n_posterior_samples : int, default=20
-        Posterior positions averaged per row for a posterior mean: independent draws for one
-        modality; for a subset, post-burn-in HMC positions of
+        Posterior positions averaged per row for a posterior mean: for a flow posterior (one
+        modality, or a subset with "amortized"), draws in antithetic pairs ±ε of base noise (an
+        odd count adds the base mean), so the draws' noise averages to exactly zero; for an HMC
+        subset posterior, post-burn-in HMC positions of
         ``ceil(n_posterior_samples / (n_mcmc_steps - n_mcmc_steps // 2))`` chains.
         The HMC defaults (2 chains x 20 iterations x 5 leapfrog steps) were chosen by measurement
         (``benchmarks/hmc_budget.py``: 450 rows, two 2-block MAF experts, latent 10): the mean's

@@ -174,6 +174,21 @@ def support_radius(latent_dim: int) -> float:
     return latent_dim * (1.0 - c + SUPPORT_QUANTILE_Z * math.sqrt(c)) ** 3
 
 
+def antithetic_noise(k: int, dim: int, generator, device) -> Tensor:
+    """k base draws (k, 1, dim) in pairs ±ε (and one 0, the base mean, when k is odd): their mean
+    is exactly zero.
+
+    A posterior mean averages k draws whose noise every row shares, so independent draws would
+    shift every row's mean by the same ε̄ ~ N(0, I / k) base standard deviations: about 0.7 for
+    k = 20 in 10 dimensions, and a prediction's MSE then moved by -22 % to +7 % from one seed to
+    another (the digits in six views, against 1000 draws). With ±ε pairs the shift is zero for a
+    Gaussian posterior and only the flow's curvature is left to average.
+    """
+    half = torch.randn(k // 2, 1, dim, generator=generator, device=device)
+    zero = torch.zeros(k % 2, 1, dim, device=device)
+    return torch.cat([half, -half, zero])
+
+
 def _supported_mean(module: JNFModule, draws: Tensor, fallback: Callable[[], Tensor]) -> Tensor:
     """Mean over draws (P, n, D) inside the aggregate posterior's support; rows with none take
     ``fallback()`` (n, D), computed only when some row needs it.
@@ -219,9 +234,10 @@ class FlowPosterior:
     def mean(self, n_mean_samples: int, generator) -> Tensor:
         """Mean of ``n_mean_samples`` draws inside the aggregate posterior's support
         (:func:`_supported_mean`); a row with none falls back to f⁻¹ of its base mean. The noise
-        is shared by all rows (common random numbers): a row's mean never depends on its batch mates."""
+        is shared by all rows (common random numbers: a row's mean never depends on its batch
+        mates) and antithetic (:func:`antithetic_noise`)."""
         device, D = generator.device, self.module.latent_dim
-        noise = torch.randn(n_mean_samples, 1, D, generator=generator, device=device)
+        noise = antithetic_noise(n_mean_samples, D, generator, device)
         chunks = []
         for part in _row_chunks(self.n, n_mean_samples, device):
             base = self.encode(part)

@@ -42,6 +42,23 @@ def test_one_modality_mean_is_the_monte_carlo_mean_not_the_flow_image(views):
     assert (np.abs(estimate - truth) / se_estimate).max() < 5
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_a_gaussian_experts_posterior_mean_is_its_mean_from_few_draws(fitted, k):
+    """The draws of a posterior mean are antithetic: with independent ones every row's mean moves
+    by the same ε̄ ~ N(0, σ² / k), here 0.5 σ at k = 8 (and odd k keep the base mean as a draw)."""
+    from skjnf._flows import IdentityFlow
+
+    module = fitted.module_
+    center = module.aggregate_mean.expand(5, -1)  # draws symmetric about the support's centre
+    log_var = torch.full_like(center, -4.0)
+    posterior = inference.FlowPosterior(module, lambda part: (center[part], log_var[part]), IdentityFlow(), 5)
+    with frozen_inference(module):
+        z = posterior.mean(k, torch.Generator().manual_seed(k))
+        spread = posterior.sample(64, torch.Generator().manual_seed(k)).std(0)
+    assert float(spread.min()) > 0.05  # draws do spread: exactness is not a collapsed posterior
+    np.testing.assert_allclose(z.numpy(), center.numpy(), atol=1e-5)
+
+
 def test_rows_are_grouped_by_pattern_with_the_same_result_as_separate_calls(fitted, views):
     X, _, _ = views
     X = {m: x[:60].copy() for m, x in X.items()}
