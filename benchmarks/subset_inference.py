@@ -96,9 +96,21 @@ def beyond_noise(errors: np.ndarray, best: np.ndarray, seed: int = 0) -> bool:
     return bool(np.quantile(ratios, 0.025) > 1 + TOLERANCE)
 
 
-def monotonicity(mse_of: dict, names, rows: dict | None = None) -> tuple[list[str], float]:
+def in_range_rows(table) -> dict[str, np.ndarray]:
+    """Per view, the test rows whose values all lie within the range of the training rows."""
+    return {
+        m: np.all((table.test[m] >= table.train[m].min(0)) & (table.test[m] <= table.train[m].max(0)), axis=1)
+        for m in table.names
+    }
+
+
+def monotonicity(mse_of: dict, names, rows: dict | None = None, keep: dict | None = None) -> tuple[list[str], float]:
     """Violations of MSE(S) <= (1 + tol) min_{j in S} MSE({j}), and the worst ratio; given the
-    per-row errors ``rows``, violations beyond the test rows' noise are marked "(beyond noise)"."""
+    per-row errors ``rows``, violations beyond the test rows' noise are marked "(beyond noise)".
+    Given ``keep`` (per target, a boolean mask of test rows), only those rows count (``rows`` needed)."""
+    if keep is not None:
+        rows = {key: errors[keep[key.split(">")[1]]] for key, errors in rows.items()}
+        mse_of = {key: float(errors.mean()) for key, errors in rows.items()}
     violations, worst = [], 0.0
     for cond in conditioning_sets(names):
         if len(cond) < 2:
@@ -150,17 +162,22 @@ def run_table(name: str, methods, params: dict, seed: int) -> dict:
                     out["bayes"][key] = mse(bayes[target], table.test[target])
     for method in methods:
         result = evaluate(estimator, table, method)
-        violations, worst = monotonicity(result["mse"], table.names, result.pop("row_errors"))
+        rows = result.pop("row_errors")
+        violations, worst = monotonicity(result["mse"], table.names, rows)
+        in_range, in_range_worst = monotonicity(result["mse"], table.names, rows, in_range_rows(table))
         others = {t: result["mse"]["+".join(m for m in table.names if m != t) + ">" + t] for t in table.names}
         result.update(
             violations=violations,
             worst_ratio=worst,
+            in_range_violations=in_range,
+            in_range_worst_ratio=in_range_worst,
             all_others_over_self={t: others[t] / out["self"][t] for t in table.names},
         )
         out["methods"][method] = result
         print(
             f"{name:16s} {method:14s} {result['seconds']:7.1f} s  worst S/best-single {worst:5.2f}  "
             f"violations {len(violations):3d} ({significant(violations)} beyond noise)  "
+            f"in-range rows: worst {in_range_worst:5.2f}, {significant(in_range)} beyond noise  "
             f"escapes {result['escape_warnings']}",
             flush=True,
         )
