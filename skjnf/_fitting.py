@@ -211,10 +211,11 @@ def _train_stage(module, stage, spec, train, valid, epochs, seed, settings: Trai
         verbose=settings.verbose,
     )
     if stage == "flows" and valid is not None and module.subset_encoder is not None:
+        rows = at_most(valid, MAX_SELECTION_ROWS, torch.Generator(device=device).manual_seed(int(valid_seed) + 2))
         with frozen_inference(module):
-            history["subset_routes"] = choose_subset_routes(module, valid, valid[NOISE_KEY], valid.get(OBSERVED))
+            history["subset_routes"] = choose_subset_routes(module, rows, rows[NOISE_KEY], rows.get(OBSERVED))
             history["target_routes"] = choose_target_routes(
-                module, valid, valid.get(OBSERVED), settings.n_posterior_samples, int(valid_seed)
+                module, rows, rows.get(OBSERVED), settings.n_posterior_samples, int(valid_seed)
             )
     part_epochs, part_losses_best = history.pop("part_best_epochs"), history.pop("part_best_losses")
     if stage == "flows" and valid is not None and part_epochs:
@@ -232,8 +233,19 @@ def _train_stage(module, stage, spec, train, valid, epochs, seed, settings: Trai
 
 #: Joint-posterior draws per row when the "auto" scales are calibrated after stage 1.
 CALIBRATION_DRAWS = 8
-#: Most rows the calibration reads (a random subset of them beyond that).
-CALIBRATION_MAX_ROWS = 2048
+#: Most rows the scale calibration and the choice of routes read (a random subset beyond that).
+#: The target routes cost 2^M - 2 posterior means of ``n_posterior_samples`` draws over these rows:
+#: 1.4 s for digits6's 135 validation rows, so about 100 s (M = 6) to 7 min (M = 8) for 10,000.
+MAX_SELECTION_ROWS = 2048
+
+
+def at_most(blocks: dict, max_rows: int, generator: torch.Generator) -> dict:
+    """``blocks`` itself with at most ``max_rows`` rows, else a random subset of that many."""
+    n = len(next(iter(blocks.values())))
+    if n <= max_rows:
+        return blocks
+    rows = torch.randperm(n, generator=generator, device=generator.device)[:max_rows]
+    return {key: value[rows] for key, value in blocks.items()}
 
 
 def calibrate_auto_scales(module: JNFModule, spec: ModelSpec, blocks: dict, seed: int) -> dict[str, float]:
@@ -259,10 +271,7 @@ def calibrate_auto_scales(module: JNFModule, spec: ModelSpec, blocks: dict, seed
     scales = {}
     device = next(module.parameters()).device
     generator = torch.Generator(device=device).manual_seed(int(seed) + 1)
-    n = len(next(iter(blocks.values())))
-    if n > CALIBRATION_MAX_ROWS:  # a random subset bounds memory: (draws, rows, features) residuals
-        rows = torch.randperm(n, generator=generator, device=device)[:CALIBRATION_MAX_ROWS]
-        blocks = {key: value[rows] for key, value in blocks.items()}
+    blocks = at_most(blocks, MAX_SELECTION_ROWS, generator)  # bounds memory: (draws, rows, features) residuals
     observed = blocks.get(OBSERVED)
     with frozen_inference(module):
         mean, log_var = joint_posterior(module, blocks, observed)

@@ -302,7 +302,7 @@ def test_calibrating_the_auto_scale_raises_the_held_out_likelihood(views, monkey
 
 
 def test_calibration_on_a_row_subset_matches_all_rows(views, monkeypatch):
-    """Beyond CALIBRATION_MAX_ROWS rows a random subset is read (memory); its scales agree with all rows'."""
+    """Beyond MAX_SELECTION_ROWS rows a random subset is read (memory); its scales agree with all rows'."""
     from _helpers import small_jnf
 
     import skjnf._fitting as fitting
@@ -310,7 +310,7 @@ def test_calibration_on_a_row_subset_matches_all_rows(views, monkeypatch):
     X, _, _ = views
     params = dict(joint_epochs=20, flow_epochs=1, hidden_sizes=(32,), lr=1e-2, validation_fraction=0.5)
     full = small_jnf(**params).fit(X).history_["joint"]["calibrated_scales"]
-    monkeypatch.setattr(fitting, "CALIBRATION_MAX_ROWS", 60)
+    monkeypatch.setattr(fitting, "MAX_SELECTION_ROWS", 60)
     subset = small_jnf(**params).fit(X).history_["joint"]["calibrated_scales"]
     assert subset != full  # the subset path ran
     for m in full:

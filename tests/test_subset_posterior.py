@@ -236,3 +236,28 @@ def test_each_target_is_predicted_from_the_subset_that_predicted_it_best_on_held
     np.testing.assert_array_equal(
         est.predict(X, cond_mod=["a", "b"])["c"], est.inverse_transform(est.transform(X, cond_mod=["a", "b"]))["c"]
     )
+
+
+def test_routes_are_chosen_on_at_most_max_selection_rows(views, monkeypatch):
+    """Both route choices read the same random subset of the validation rows beyond the cap (their
+    cost grows as 2^M times the rows), and every validation row below it."""
+    import skjnf._fitting as fitting
+
+    X, _, _ = views
+    seen = []
+    for name in ("choose_subset_routes", "choose_target_routes"):
+        choose = getattr(fitting, name)
+
+        def spy(module, blocks, *args, choose=choose):
+            seen.append(blocks["a"].clone())
+            return choose(module, blocks, *args)
+
+        monkeypatch.setattr(fitting, name, spy)
+    params = dict(joint_epochs=1, flow_epochs=1, validation_fraction=0.5)
+    small_jnf(**params).fit(X)
+    n_valid = len(seen[0])
+    assert n_valid == int(np.ceil(0.5 * len(X["a"]))) and torch.equal(seen[0], seen[1])
+    monkeypatch.setattr(fitting, "MAX_SELECTION_ROWS", 40)
+    seen.clear()
+    small_jnf(**params).fit(X)
+    assert len(seen[0]) == 40 and torch.equal(seen[0], seen[1])
