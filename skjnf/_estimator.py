@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import sys
 import warnings
 from collections.abc import Mapping
 from numbers import Integral, Real
@@ -39,6 +37,7 @@ from ._likelihoods import LIKELIHOODS
 from ._modules import OBSERVED
 from ._spec import ModelSpec, build_module, model_spec
 from ._validation import Layout, ModalityData, check_int, rebuild_container, validate_X
+from ._warnings import user_stacklevel
 
 __all__ = ["JNFEstimator"]
 
@@ -826,27 +825,11 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         return tags
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-#: scikit-learn wraps ``transform`` (set_output); a warning should skip that frame too.
-_WRAPPER_FILES = (os.path.join("sklearn", "utils", "_set_output.py"),)
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` at which a warning raised by this function's caller names the first
-    frame outside skjnf and scikit-learn's method wrappers: the user's own call."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and (
-        frame.f_code.co_filename.startswith(_PACKAGE_DIR) or frame.f_code.co_filename.endswith(_WRAPPER_FILES)
-    ):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def _warn_about_hmc(stats: HMCStats) -> None:
     """Warn about a call's HMC diagnostics, at the user's call (however deep inside skjnf)."""
     if not stats.n_rows:
         return
-    stacklevel = _user_stacklevel()
+    stacklevel = user_stacklevel()
     if abs(stats.acceptance - 0.75) > 0.15:
         warnings.warn(
             f"HMC acceptance {stats.acceptance:.2f} is far from its 0.75 target; consider a larger "

@@ -28,12 +28,9 @@ from ._modules import (
 from ._spec import ModelSpec, build_module
 from ._training import NOISE_KEY, STAGES, StageModule, train_stage
 from ._validation import Layout, ModalityData
+from ._warnings import user_stacklevel
 
 __all__ = ["TrainingSettings", "training_rows", "split_rows", "build_checked_module", "train_both_stages"]
-
-# Warnings use stacklevel=4 to point at the user's call:
-# user code -> fit's validation wrapper -> fit -> function here -> warn.
-_STACKLEVEL = 4
 
 
 @dataclass(frozen=True)
@@ -77,7 +74,7 @@ def training_rows(data: ModalityData, layout: Layout) -> tuple[dict, np.ndarray 
             f"Modalities {layout.names[a]!r} and {layout.names[b]!r} are never observed in the same row: "
             "their relation is learned only through the other modalities.",
             UserWarning,
-            stacklevel=_STACKLEVEL,
+            stacklevel=user_stacklevel(),
         )
     return dict(data.blocks), None if observed.all() else observed
 
@@ -103,7 +100,7 @@ def split_rows(n: int, validation_fraction: float, seed: int) -> tuple[np.ndarra
                 f"validation_fraction={validation_fraction} leaves no validation set for {n} "
                 "rows; the best epoch is chosen by training loss.",
                 UserWarning,
-                stacklevel=_STACKLEVEL,
+                stacklevel=user_stacklevel(),
             )
         return np.arange(n), np.arange(0)
     order = np.random.default_rng(seed).permutation(n)
@@ -152,7 +149,7 @@ def train_both_stages(
                 warnings.warn(
                     f"{STAGES[stage]} runs for 0 epochs: its networks stay at initialisation.",
                     UserWarning,
-                    stacklevel=_STACKLEVEL,
+                    stacklevel=user_stacklevel(),
                 )
             if stage == "flows":  # freeze before the first stage-2 forward (docs/algorithm.md §2.2)
                 for p in joint_params:

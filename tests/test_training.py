@@ -300,6 +300,18 @@ def test_too_few_rows_for_validation_warn():
         small_jnf(validation_fraction=0.9, joint_epochs=1, flow_epochs=1).fit(X)
 
 
+def test_fit_warnings_name_the_users_call():
+    """fit's warnings, raised several frames deep in skjnf under scikit-learn's fit wrapper, name
+    this file (a fixed stacklevel broke whenever a helper moved)."""
+    X = {"a": np.arange(4.0).reshape(2, 2), "b": np.arange(2.0).reshape(2, 1)}
+    with pytest.warns(UserWarning) as caught:
+        small_jnf(validation_fraction=0.9, joint_epochs=1, flow_epochs=0).fit(X)
+    messages = {str(w.message)[:30]: w.filename for w in caught}
+    assert any("no validation set" in str(w.message) for w in caught)
+    assert any("runs for 0 epochs" in str(w.message) for w in caught)
+    assert set(messages.values()) == {__file__}, messages
+
+
 def test_gaussian_log_prob_matches_torch():
     g = torch.Generator().manual_seed(0)
     x, m, lv = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3))
