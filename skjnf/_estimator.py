@@ -193,7 +193,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         "amortized", ``fit`` routes each subset whose held-out fit is better with the posterior of
         one of its subsets (or one expert) to that posterior (``history_["flows"]["subset_routes"]``),
         and, for up to 8 modalities, chooses per subset S and target modality t the subset of S
-        whose posterior mean predicted t best on the validation rows: ``predict`` decodes t from
+        whose posterior mean predicted t best on the validation rows (at most 2048 of them, a
+        random subset beyond that): ``predict`` decodes t from
         that one (``history_["flows"]["target_routes"]``), so on the validation rows adding a
         modality never made a prediction worse; ``transform`` and ``sample`` keep S's own posterior. The experts and
         the subset encoder read each feature clipped to its range in ``fit`` (on the standardised
