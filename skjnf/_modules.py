@@ -575,7 +575,6 @@ def stage2_noise_dim(module: JNFModule) -> int:
     return module.latent_dim + (SUBSET_DRAWS * (len(module.names) + 1) if module.subset_encoder is not None else 0)
 
 
-@torch.no_grad()
 def subsets_by_size(n_modalities: int):
     """(bitmask, member indices) of every non-empty proper subset of M modalities, smallest first."""
     for bits in sorted(range(1, 2**n_modalities - 1), key=lambda b: bin(b).count("1")):
@@ -597,6 +596,7 @@ def subset_label(names, bits: int) -> str:
     return "+".join(name for j, name in enumerate(names) if bits >> j & 1)
 
 
+@torch.no_grad()
 def choose_subset_routes(
     module: JNFModule, blocks: dict[str, Tensor], noise: Tensor, observed: Tensor | None = None
 ) -> dict[str, str]:
