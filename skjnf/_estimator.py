@@ -179,9 +179,9 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
     subset_posterior : {"amortized", "product", "product_prior", "generative"}, default="amortized"
         The posterior given a subset of 2..M-1 modalities. ``"amortized"``: a subset encoder
         (each modality read through the joint encoder's frozen trunk plus a one-hidden-layer
-        view of its input, pooled by learned weights over the subset) and a flow of its own, trained in
-        stage 2 like the experts, on two random subsets per row, to cover the joint posterior;
-        its mean and draws cost one flow pass, as for one modality.
+        view of its input, pooled by learned weights over the subset) and a flow of its own,
+        trained in stage 2 like the experts, on two random subsets per row, to cover the joint
+        posterior; its mean and draws cost one flow pass, as for one modality.
         ``"product"``: the experts' product divided by a Gaussian fit of the joint encoder's
         aggregate posterior (the density the experts integrate to), sampled by HMC.
         ``"product_prior"``: the paper's product of experts divided by the prior N(0, I), by HMC.
@@ -194,11 +194,12 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         one of its subsets (or one expert) to that posterior (``history_["flows"]["subset_routes"]``),
         and, for up to 8 modalities, chooses per subset S and target modality t the subset of S
         whose posterior mean predicted t best on the validation rows (at most 2048 of them, a
-        random subset beyond that): ``predict`` decodes t from
-        that one (``history_["flows"]["target_routes"]``), so on the validation rows adding a
-        modality never made a prediction worse; ``transform`` and ``sample`` keep S's own posterior. The experts and
-        the subset encoder read each feature clipped to its range in ``fit`` (on the standardised
-        digits one test row at 120 standard deviations had doubled a view's mean error).
+        random subset beyond that): ``predict`` decodes t from that one
+        (``history_["flows"]["target_routes"]``), so on the validation rows adding a modality
+        never made a prediction worse; ``transform`` and ``sample`` keep S's own posterior. The
+        experts and the subset encoder read each feature clipped to its range in ``fit`` (on the
+        standardised digits one test row at 120 standard deviations had doubled a view's mean
+        error).
     n_mcmc_steps : int, default=20
         HMC iterations of the HMC ``subset_posterior`` options (the first half is burn-in).
     n_leapfrog : int, default=5
