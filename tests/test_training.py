@@ -72,7 +72,8 @@ def test_stage_losses_match_the_formulas_by_hand():
     for draw in range(k):
         mask = random_subset_masks(noise2[:, 2 + 4 * draw : 2 + 4 * (draw + 1)])
         assert mask.sum(1).eq(2).all()  # M = 3: every subset S has 2 modalities
-        # the subset encoder reads each modality through the joint encoder's (frozen) trunk, and linearly
+        # the subset encoder reads each modality through the joint encoder's (frozen) trunk and
+        # through a one-hidden-layer view of its own of the input
         inputs = [blocks[name] for name in ["a", "b", "c"]]
         features = [trunk(x) for trunk, x in zip(module.joint_encoder.trunks, inputs)]
         m, lv = module.subset_encoder(features, inputs, mask)
