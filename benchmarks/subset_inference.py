@@ -106,13 +106,13 @@ def in_range_rows(table) -> dict[str, np.ndarray]:
     }
 
 
-def monotonicity(mse_of: dict, names, rows: dict | None = None, keep: dict | None = None) -> tuple[list[str], float]:
-    """Violations of MSE(S) <= (1 + tol) min_{j in S} MSE({j}), and the worst ratio; given the
-    per-row errors ``rows``, violations beyond the test rows' noise are marked "(beyond noise)".
-    Given ``keep`` (per target, a boolean mask of test rows), only those rows count (``rows`` needed)."""
+def monotonicity(rows: dict, names, keep: dict | None = None) -> tuple[list[str], float]:
+    """Violations of MSE(S) <= (1 + tol) min_{j in S} MSE({j}), and the worst ratio, from the
+    per-row errors ``rows`` (by "S>target"); violations beyond the test rows' noise are marked
+    "(beyond noise)". Given ``keep`` (per target, a boolean mask of test rows), only those rows count."""
     if keep is not None:
         rows = {key: errors[keep[key.split(">")[1]]] for key, errors in rows.items()}
-        mse_of = {key: float(errors.mean()) for key, errors in rows.items()}
+    mse_of = {key: float(errors.mean()) for key, errors in rows.items()}
     violations, worst = [], 0.0
     for cond in conditioning_sets(names):
         if len(cond) < 2:
@@ -125,7 +125,7 @@ def monotonicity(mse_of: dict, names, rows: dict | None = None, keep: dict | Non
             ratio = mse_of[key] / mse_of[f"{best}>{target}"]
             worst = max(worst, ratio)
             if ratio > 1 + TOLERANCE:
-                noise = rows is not None and beyond_noise(rows[key], rows[f"{best}>{target}"])
+                noise = beyond_noise(rows[key], rows[f"{best}>{target}"])
                 violations.append(f"{key}: {ratio:.2f}x" + (" (beyond noise)" if noise else ""))
     return violations, worst
 
@@ -166,8 +166,8 @@ def run_table(name: str, methods, params: dict, seed: int) -> dict:
     for method in methods:
         result = evaluate(estimator, table, method)
         rows = result.pop("row_errors")
-        violations, worst = monotonicity(result["mse"], table.names, rows)
-        in_range, in_range_worst = monotonicity(result["mse"], table.names, rows, in_range_rows(table))
+        violations, worst = monotonicity(rows, table.names)
+        in_range, in_range_worst = monotonicity(rows, table.names, in_range_rows(table))
         others = {t: result["mse"]["+".join(m for m in table.names if m != t) + ">" + t] for t in table.names}
         result.update(
             violations=violations,
