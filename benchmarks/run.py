@@ -106,8 +106,11 @@ def reference_scales(ds: Dataset, args) -> dict[str, float]:
     """The reference's fixed normal decoder scale per modality (``--reference-scale``).
 
     ``auto``: what skjnf's default ``decoder_scale="auto"`` picks (half the RMS feature std of
-    the modality's training rows), so both models optimise the same objective.
+    the modality's training rows), so both models optimise the same objective. With
+    ``--at-defaults``: MultiVae's default scale.
     """
+    if args.at_defaults:
+        return {m: REFERENCE_DEFAULTS["scale"] for m in ds.names}
     if args.reference_scale != "auto":
         return {m: float(args.reference_scale) for m in ds.names}
     return {m: AUTO_SCALE_FRACTION * float(np.sqrt(x.var(axis=0).mean())) for m, x in ds.train.items()}
@@ -338,9 +341,7 @@ def run_peer(ds: Dataset, args, workdir: Path) -> tuple[dict, dict] | tuple[None
         "lr": REFERENCE_DEFAULTS["lr"] if args.at_defaults else args.lr,
         "joint_epochs": REFERENCE_DEFAULTS["joint_epochs"] if args.at_defaults else args.joint_epochs,
         "flow_epochs": REFERENCE_DEFAULTS["flow_epochs"] if args.at_defaults else args.flow_epochs,
-        "decoder_scale": (
-            {m: REFERENCE_DEFAULTS["scale"] for m in ds.names} if args.at_defaults else reference_scales(ds, args)
-        ),
+        "decoder_scale": reference_scales(ds, args),
         "seed": args.seed,
         "threads": args.threads,
         "repeats": args.repeats,
@@ -525,7 +526,8 @@ def timing_table(name: str, o: dict, p: dict | None, args) -> list[str]:
     )
     if args.at_defaults:
         run = o.get("epochs_run", ["?", "?"])
-        ep = f"each at its defaults: skjnf {run[0]}+{run[1]} (early stopping), reference 10+90"
+        ref = f"{REFERENCE_DEFAULTS['joint_epochs']}+{REFERENCE_DEFAULTS['flow_epochs']}"
+        ep = f"each at its defaults: skjnf {run[0]}+{run[1]} (early stopping), reference {ref}"
     lines = [
         f"#### {name}: time (s; median of {args.repeats} after a warm-up; ratio = reference / skjnf)",
         "",
@@ -841,11 +843,7 @@ def main(argv=None) -> int:
                 "ours": ours,
                 "peer": peer,
                 "nll_k": args.nll_k,
-                "reference_scales": (
-                    {m: REFERENCE_DEFAULTS["scale"] for m in ds.names}
-                    if args.at_defaults
-                    else reference_scales(ds, args)
-                ),
+                "reference_scales": reference_scales(ds, args),
                 "n_train": len(next(iter(ds.train.values()))),
                 "n_test": len(next(iter(ds.test.values()))),
             }
