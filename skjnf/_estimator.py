@@ -808,8 +808,9 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         if isinstance(weights, dict):
             module = build_module(state["_spec"], None, 0)
             weights = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
-            for key, value in module.state_dict().items():  # added since 0.1: defaults (no clipping, no target routes)
-                if ".missing_features." in key or key.startswith("input_ranges.") or key == "target_routes":
+            added = ("target_routes", "subset_products")  # since 0.1, with defaults: no clipping, no routes
+            for key, value in module.state_dict().items():
+                if ".missing_features." in key or key.startswith("input_ranges.") or key in added:
                     weights.setdefault(key, value)
             module.load_state_dict(weights)
             device = _loaded_device(state.get("device", "cpu"))

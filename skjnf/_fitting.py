@@ -24,6 +24,7 @@ from ._modules import (
     stage2_noise_dim,
     stage2_row_counts,
     stage2_terms,
+    subset_label,
 )
 from ._spec import ModelSpec, build_module
 from ._training import NOISE_KEY, STAGES, StageModule, train_stage
@@ -214,6 +215,8 @@ def _train_stage(module, stage, spec, train, valid, epochs, seed, settings: Trai
             history["target_routes"] = choose_target_routes(
                 module, rows, rows.get(OBSERVED), settings.n_posterior_samples, int(valid_seed)
             )
+            products = module.subset_products.nonzero().flatten().tolist()
+            history["product_subsets"] = [subset_label(module.names, bits) for bits in products]
     part_epochs, part_losses_best = history.pop("part_best_epochs"), history.pop("part_best_losses")
     if stage == "flows" and valid is not None and part_epochs:
         # Each expert's calibration: mean held-out −log q_j(z | x_j) at its kept epoch.

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ._chunks import row_chunks
 from ._distributions import gaussian_log_prob, reparameterize, std_normal_log_prob
+from ._gaussian_product import GaussianProduct, linearized_expert
 from ._hmc import hmc_sample, product_of_experts_log_prob
 from ._modules import JNFModule, pick_route, subset_label, subsets_by_size
 
@@ -31,6 +32,7 @@ __all__ = [
     "conditional_log_likelihood",
     "observed_log_likelihood",
     "flow_posterior",
+    "routed_posterior",
     "decode_in_chunks",
     "choose_target_routes",
     "target_conditioning",
@@ -263,6 +265,33 @@ class FlowPosterior:
         return z.reshape(u.shape), gaussian_log_prob(u, mean, log_var) - log_det.reshape(u.shape[:-1])
 
 
+class ProductPosterior:
+    """The Gaussian product of the linearised experts of ``cond`` divided by the aggregate
+    posterior (:class:`~skjnf._gaussian_product.GaussianProduct`): closed form, in row chunks."""
+
+    def __init__(self, module: JNFModule, blocks: dict[str, Tensor], cond: Sequence[str], n: int):
+        self.module, self.blocks, self.cond, self.n = module, blocks, list(cond), n
+
+    def _product(self, part: slice) -> GaussianProduct:
+        module = self.module
+        tril, centre = module.aggregate_scale_tril, module.aggregate_mean
+        bases = [(module.flows[module.index(m)], module.expert_posterior(m, self.blocks[m][part])) for m in self.cond]
+        experts = [linearized_expert(flow, base, tril, centre) for flow, base in bases]
+        return GaussianProduct(experts, tril, centre)
+
+    def _chunks(self, per_row: int) -> list[slice]:
+        device = self.module.aggregate_mean.device
+        return _row_chunks(self.n, max(per_row, self.module.latent_dim), device)
+
+    def mean(self, n_mean_samples: int, generator) -> Tensor:
+        return torch.cat([self._product(part).mean() for part in self._chunks(1)])
+
+    def sample(self, n_draws: int, generator) -> Tensor:
+        device, D = generator.device, self.module.latent_dim
+        noise = torch.randn(n_draws, self.n, D, generator=generator, device=device)
+        return torch.cat([self._product(part).sample(noise[:, part])[0] for part in self._chunks(n_draws)], dim=1)
+
+
 class HMCPosterior:
     """A subset posterior known up to a constant, sampled by HMC from the experts (``method``:
     "product", "product_prior" or "generative"; see :func:`_subset_log_target`)."""
@@ -322,7 +351,7 @@ def _subset_route(module: JNFModule, cond: Sequence[str]) -> list[str]:
     """The modalities whose posterior subset ``cond`` uses (``choose_subset_routes``)."""
     if module.subset_routes.numel() == 0:
         return list(cond)
-    used = int(module.subset_routes[sum(1 << module.index(m) for m in cond)])
+    used = int(module.subset_routes[module.bitmask(cond)])
     return [m for j, m in enumerate(module.names) if used >> j & 1]
 
 
@@ -348,6 +377,28 @@ def flow_posterior(module: JNFModule, blocks: dict[str, Tensor], cond: Sequence[
         return module.subset_posterior(sub, mask.expand(len(next(iter(sub.values()))), -1))
 
     return FlowPosterior(module, encode, module.subset_flow, n)
+
+
+def routed_posterior(module: JNFModule, blocks: dict[str, Tensor], cond: Sequence[str]):
+    """The posterior ``fit`` chose for 1..M-1 modalities ``cond`` (``subset_posterior="amortized"``):
+    :func:`flow_posterior`, or the Gaussian product of the experts (:class:`ProductPosterior`) where
+    :func:`choose_target_routes` found that it predicts held-out modalities better."""
+    if len(cond) > 1:
+        routed = _subset_route(module, cond)
+        if module.subset_products.numel() and bool(module.subset_products[module.bitmask(routed)]):
+            return ProductPosterior(module, blocks, routed, len(next(iter(blocks.values()))))
+    return flow_posterior(module, blocks, cond)
+
+
+def _target_losses(module: JNFModule, blocks, found, targets: Sequence[str], n_mean_samples: int, generator):
+    """Per target t, the per-row −log p(x_t | z̄) (n,) at the posterior mean z̄ of ``found``."""
+    z = found.mean(n_mean_samples, generator)
+    return {t: -module.log_likelihood(t, blocks[t], z) for t in targets}
+
+
+def _mean_over_targets(losses: dict[str, Tensor], rows: dict[str, Tensor]) -> float:
+    """Σ_t of the mean of ``losses[t]`` over ``rows[t]`` (targets with no rows left out)."""
+    return sum(float(loss[rows[t]].mean()) for t, loss in losses.items() if rows[t].any())
 
 
 @torch.no_grad()
@@ -379,19 +430,27 @@ def choose_target_routes(
     has = torch.ones(n, n_modalities, dtype=torch.bool, device=device) if observed is None else observed > 0
     losses = {}  # (bitmask, t) -> per-row −log p(x_t | z̄) of that set's posterior mean (n,)
     used = {}  # (bitmask, t) -> bitmask of the set whose posterior predicts t
+    module.subset_products.zero_()
     for bits, members in subsets_by_size(n_modalities):
         cond = [names[j] for j in members]
+        sub = {m: blocks[m] for m in cond}
+        targets = [names[t] for t in range(n_modalities) if not bits >> t & 1]
+        rows = {t: has[:, members + [module.index(t)]].all(1) for t in targets}
         generator = torch.Generator(device=device).manual_seed(seed)
-        z = flow_posterior(module, {m: blocks[m] for m in cond}, cond).mean(n_mean_samples, generator)
-        for t, target in enumerate(names):
-            if bits >> t & 1:
-                continue
-            losses[bits, t] = -module.log_likelihood(target, blocks[target], z)
-            used[bits, t] = bits
+        own = _target_losses(module, blocks, routed_posterior(module, sub, cond), targets, n_mean_samples, generator)
+        if len(members) > 1 and _subset_route(module, cond) == cond:  # S's own: the subset flow or the product
+            generator = torch.Generator(device=device).manual_seed(seed)
+            found = ProductPosterior(module, sub, cond, n)
+            product = _target_losses(module, blocks, found, targets, n_mean_samples, generator)
+            if _mean_over_targets(product, rows) < _mean_over_targets(own, rows):
+                module.subset_products[bits] = True
+                own = product
+        for target in targets:
+            t = module.index(target)
+            losses[bits, t], used[bits, t] = own[target], bits
             if len(members) > 1:  # one modality: its expert, nothing smaller to compare with
-                used[bits, t] = pick_route(
-                    bits, members, lambda c, t=t: used[c, t], lambda c, t=t: losses[c, t], has[:, members + [t]].all(1)
-                )
+                route, loss = (lambda c, t=t: used[c, t]), (lambda c, t=t: losses[c, t])
+                used[bits, t] = pick_route(bits, members, route, loss, rows[target])
             routes[bits, t] = used[bits, t]
     chosen = {}
     for (bits, t), target_bits in used.items():
@@ -434,7 +493,7 @@ def posterior(
     if len(cond) == len(module.names):
         return JointPosterior(module, blocks)
     if len(cond) == 1 or subset_posterior == "amortized":
-        return flow_posterior(module, blocks, cond)
+        return routed_posterior(module, blocks, cond)
     return HMCPosterior(module, blocks, cond, subset_posterior, hmc, stats, rows, progress)
 
 

@@ -337,6 +337,9 @@ class JNFModule(nn.Module):
         n_target_routes = n_routes if len(names) <= MAX_TARGET_ROUTED_MODALITIES else 0
         target_routes = torch.arange(n_target_routes, dtype=torch.long)[:, None].repeat(1, len(names))
         self.register_buffer("target_routes", target_routes)
+        # Per subset bitmask, whether its own posterior is the Gaussian product of its experts rather
+        # than the subset flow (where that predicted held-out modalities better; choose_target_routes).
+        self.register_buffer("subset_products", torch.zeros(n_target_routes, dtype=torch.bool))
         # Gaussian fit of the joint encoder's aggregate posterior E_X q(z | X), set after stage 1.
         self.register_buffer("aggregate_mean", torch.zeros(latent_dim))
         self.register_buffer("aggregate_scale_tril", torch.eye(latent_dim))
@@ -360,6 +363,10 @@ class JNFModule(nn.Module):
     # -- the paper's objects ----------------------------------------------------------------
     def index(self, name: str) -> int:
         return self.names.index(name)
+
+    def bitmask(self, names: Sequence[str]) -> int:
+        """The subset bitmask of modalities ``names`` (bit j: ``self.names[j]``)."""
+        return sum(1 << self.index(m) for m in names)
 
     def encoder_input(self, j: int, x: Tensor, clip: bool = True) -> Tensor:
         """A flat block (n, d) as modality j's encoders read it, (n, *in_shape): clipped to the

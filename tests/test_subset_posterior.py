@@ -211,17 +211,19 @@ def test_inputs_inside_the_range_are_not_clipped(fitted, views):
     np.testing.assert_allclose(module.input_ranges[0].high.numpy(), X["a"].max(0), rtol=1e-6)  # every fit row
 
 
-def test_each_target_is_predicted_from_the_subset_that_predicted_it_best_on_held_out_rows(fitted, views):
-    from skjnf._inference import choose_target_routes
+def test_each_target_is_predicted_from_the_subset_that_predicted_it_best_on_held_out_rows(fitted, views, monkeypatch):
+    from skjnf._inference import ProductPosterior, choose_target_routes
 
     X, _, _ = views
     est = copy.deepcopy(fitted)
     module = est.module_
     assert tuple(module.target_routes.shape) == (8, 3)  # subset bitmask x target
     blocks = {m: torch.as_tensor(X[m], dtype=torch.float32) for m in module.names}
+    product_mean = ProductPosterior.mean
+    monkeypatch.setattr(ProductPosterior, "mean", lambda self, *args: product_mean(self, *args) + 20.0)
     with torch.no_grad():
-        module.subset_routes.copy_(torch.arange(8))  # every pair through the subset posterior ...
-        module.subset_encoder.head.mean.bias.add_(20.0)  # ... which now misplaces every row
+        module.subset_routes.copy_(torch.arange(8))  # every pair through its own posterior ...
+        module.subset_encoder.head.mean.bias.add_(20.0)  # ... the subset flow and the product misplacing every row
         routed = choose_target_routes(module.eval(), blocks, None, 8, 0)
     for pair, target in ((["a", "b"], "c"), (["a", "c"], "b"), (["b", "c"], "a")):
         used = routed["+".join(pair)][target]
