@@ -181,7 +181,12 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         (each modality read through the joint encoder's frozen trunk plus a one-hidden-layer
         view of its input, pooled by learned weights over the subset) and a flow of its own,
         trained in stage 2 like the experts, on two random subsets per row, to cover the joint
-        posterior; its mean and draws cost one flow pass, as for one modality.
+        posterior; its mean and draws cost one flow pass, as for one modality. Where the
+        Gaussian product of the subset's experts (each linearised at its mode, divided by the
+        aggregate posterior below: closed form, no MCMC) predicted the modalities outside the
+        subset better on the validation rows, that product is the subset's posterior instead
+        (``history_["flows"]["product_subsets"]``; on a linear-Gaussian table the experts are
+        Gaussian and it is their exact product).
         ``"product"``: the experts' product divided by a Gaussian fit of the joint encoder's
         aggregate posterior (the density the experts integrate to), sampled by HMC.
         ``"product_prior"``: the paper's product of experts divided by the prior N(0, I), by HMC.
@@ -247,7 +252,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         and with three or more modalities ``"subset_valid_loss"``, ``"subset_best_epoch"`` and
         ``"subset_routes"`` (``{"a+b+c": "a+c"}``: the subsets that use a smaller one's posterior),
         ``"target_routes"`` (``{"a+b": {"c": "a"}}``: the targets ``predict`` decodes from a
-        smaller subset's posterior mean);
+        smaller subset's posterior mean), ``"product_subsets"`` (``["a+b"]``: the subsets whose
+        posterior is the Gaussian product of their experts);
         its epoch rows carry ``"part_losses"`` (one per part, in that order).
     n_training_rows_ : dict
         Rows each part learned from (training and validation rows): ``"joint"`` (stage 1: every
