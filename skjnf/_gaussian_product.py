@@ -7,8 +7,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._distributions import std_normal_log_prob
-
 __all__ = ["flow_jacobian", "linearized_expert", "GaussianProduct"]
 
 
@@ -70,15 +68,9 @@ class GaussianProduct:
     def mean(self) -> Tensor:
         return self._unwhiten(self.whitened_mean)
 
-    def sample(self, noise: Tensor) -> tuple[Tensor, Tensor]:
-        """Draws from base noise (k, n, D) or (k, 1, D), with their log-density: ((k, n, D), (k, n)).
-
-        y = μ + C⁻ᵀ ε; log q(z) = log N(ε; 0, I) + log|det C| − log|det L|.
-        """
+    def sample(self, noise: Tensor) -> Tensor:
+        """Draws (k, n, D) from standard normal noise (k, n, D) or (k, 1, D): y = μ + C⁻ᵀ ε."""
         noise = noise.expand(noise.shape[0], *self.whitened_mean.shape)
         upper = self.cholesky.transpose(1, 2)
         offset = torch.linalg.solve_triangular(upper, noise.to(upper.dtype).permute(1, 2, 0), upper=True)
-        z = self._unwhiten(self.whitened_mean + offset.permute(2, 0, 1))
-        log_det = torch.log(torch.diagonal(self.cholesky, dim1=1, dim2=2)).sum(-1)
-        log_det = log_det - torch.log(torch.diagonal(self.scale_tril)).sum()
-        return z, (std_normal_log_prob(noise) + log_det).to(z.dtype)
+        return self._unwhiten(self.whitened_mean + offset.permute(2, 0, 1))

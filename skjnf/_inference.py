@@ -289,7 +289,7 @@ class ProductPosterior:
     def sample(self, n_draws: int, generator) -> Tensor:
         device, D = generator.device, self.module.latent_dim
         noise = torch.randn(n_draws, self.n, D, generator=generator, device=device)
-        return torch.cat([self._product(part).sample(noise[:, part])[0] for part in self._chunks(n_draws)], dim=1)
+        return torch.cat([self._product(part).sample(noise[:, part]) for part in self._chunks(n_draws)], dim=1)
 
 
 class HMCPosterior:

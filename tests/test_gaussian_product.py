@@ -80,13 +80,9 @@ def test_product_of_gaussian_experts_is_the_closed_form_divided_by_the_aggregate
     information = information - 2 * (aggregate_precision @ centre)[:, None]
     mean = torch.linalg.solve(precision, information)[..., 0]
     torch.testing.assert_close(product.mean(), mean)
-    noise = torch.randn(4000, 4, 3, generator=g, dtype=torch.float64)
-    z, log_q = product.sample(noise)
-    exact = torch.distributions.MultivariateNormal(mean, precision_matrix=precision)
-    torch.testing.assert_close(log_q, exact.log_prob(z))
-    centred = z - z.mean(0)
-    empirical = torch.einsum("kni,knj->nij", centred, centred) / (len(z) - 1)
-    torch.testing.assert_close(empirical, torch.linalg.inv(precision), atol=0.15 * float(empirical.abs().max()), rtol=0)
+    noise = torch.randn(50, 4, 3, generator=g, dtype=torch.float64)
+    offset = product.sample(noise) - mean  # C⁻ᵀ ε with Λ = C Cᵀ: its Λ-norm is |ε|, draw by draw
+    torch.testing.assert_close(torch.einsum("kni,nij,knj->kn", offset, precision, offset), (noise**2).sum(-1))
 
 
 def _own_posteriors_misplaced(module, flow: bool, product: bool, monkeypatch):
