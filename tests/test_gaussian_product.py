@@ -1,6 +1,7 @@
 """The Gaussian product of linearised experts: closed forms, and where fit chooses it."""
 
 import copy
+import pickle
 
 import numpy as np
 import torch
@@ -113,6 +114,8 @@ def test_fit_uses_the_product_where_it_predicts_held_out_rows_better_than_the_su
         with torch.no_grad():
             expected = ProductPosterior(module, blocks, pair, len(X["a"])).mean(8, None).numpy()
         np.testing.assert_allclose(est.transform(X, cond_mod=pair), expected, rtol=1e-5, atol=1e-6)
+    loaded = pickle.loads(pickle.dumps(est))  # the choice is part of the saved model
+    np.testing.assert_array_equal(loaded.transform(X, cond_mod=pairs[0]), est.transform(X, cond_mod=pairs[0]))
     monkeypatch.undo()
     est = copy.deepcopy(fitted)
     module = est.module_.eval()
