@@ -415,7 +415,7 @@ def choose_target_routes(
     of S's experts (:class:`ProductPosterior`) are scored over every target outside S, and the
     better becomes S's own posterior (``module.subset_products[S]``): the subset flow learns each
     subset from a fraction of stage 2's steps, while near-Gaussian experts make the product
-    nearly exact (a linear-Gaussian table at 30 stage-2 epochs: MSE 0.00217 → 0.00203). Going up by size, S
+    nearly exact (a linear-Gaussian table at 30 stage-2 epochs: MSE 0.00214 → 0.00205). Going up by size, S
     keeps its own posterior for t unless S minus one modality already predicts t better (through
     whichever set that one uses): so, on held-out rows, adding a modality never makes a
     prediction worse. The subset posterior serves every S with one network; where one view
