@@ -45,3 +45,17 @@ def normal_module(latent_dim=3, n_modalities=3):
     names = [f"m{j}" for j in range(n_modalities)]
     likelihoods = [make_likelihood("normal", 2, 1.0, None) for _ in names]
     return JNFModule(names, [(2,)] * n_modalities, likelihoods, latent_dim, (8,), ["maf"] * n_modalities, 1, (8,))
+
+
+def own_posteriors_misplaced(module, flow: bool, product: bool, monkeypatch):
+    """Shift the subset flow's and/or the product's latents by 20: such a posterior never predicts best."""
+    import torch
+
+    from skjnf._inference import ProductPosterior
+
+    if product:
+        mean = ProductPosterior.mean
+        monkeypatch.setattr(ProductPosterior, "mean", lambda self, *args: mean(self, *args) + 20.0)
+    if flow:
+        with torch.no_grad():
+            module.subset_encoder.head.mean.bias.add_(20.0)

@@ -5,6 +5,7 @@ import pickle
 
 import numpy as np
 import torch
+from _helpers import own_posteriors_misplaced
 
 from skjnf._flows import MAF, _randomize_
 from skjnf._gaussian_product import GaussianProduct, flow_jacobian, linearized_expert
@@ -86,18 +87,6 @@ def test_product_of_gaussian_experts_is_the_closed_form_divided_by_the_aggregate
     torch.testing.assert_close(torch.einsum("kni,nij,knj->kn", offset, precision, offset), (noise**2).sum(-1))
 
 
-def _own_posteriors_misplaced(module, flow: bool, product: bool, monkeypatch):
-    """Shift the subset flow's and/or the product's latents by 20: such a posterior never predicts best."""
-    from skjnf._inference import ProductPosterior
-
-    if product:
-        mean = ProductPosterior.mean
-        monkeypatch.setattr(ProductPosterior, "mean", lambda self, *args: mean(self, *args) + 20.0)
-    if flow:
-        with torch.no_grad():
-            module.subset_encoder.head.mean.bias.add_(20.0)
-
-
 def test_fit_uses_the_product_where_it_predicts_held_out_rows_better_than_the_subset_flow(fitted, views, monkeypatch):
     from skjnf._inference import ProductPosterior, choose_target_routes
 
@@ -106,7 +95,7 @@ def test_fit_uses_the_product_where_it_predicts_held_out_rows_better_than_the_su
     module = est.module_.eval()
     blocks = {m: torch.as_tensor(X[m], dtype=torch.float32) for m in module.names}
     module.subset_routes.copy_(torch.arange(8))
-    _own_posteriors_misplaced(module, flow=True, product=False, monkeypatch=monkeypatch)
+    own_posteriors_misplaced(module, flow=True, product=False, monkeypatch=monkeypatch)
     choose_target_routes(module, blocks, None, 8, 0)
     pairs = (["a", "b"], ["a", "c"], ["b", "c"])
     assert all(module.subset_products[module.bitmask(pair)] for pair in pairs)
@@ -120,6 +109,6 @@ def test_fit_uses_the_product_where_it_predicts_held_out_rows_better_than_the_su
     est = copy.deepcopy(fitted)
     module = est.module_.eval()
     module.subset_routes.copy_(torch.arange(8))
-    _own_posteriors_misplaced(module, flow=False, product=True, monkeypatch=monkeypatch)
+    own_posteriors_misplaced(module, flow=False, product=True, monkeypatch=monkeypatch)
     choose_target_routes(module, blocks, None, 8, 0)
     assert not module.subset_products.any()

@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _helpers import normal_module, small_jnf
+from _helpers import normal_module, own_posteriors_misplaced, small_jnf
 
 import skjnf._training as training
 from skjnf._distributions import std_normal_log_prob
@@ -212,19 +212,16 @@ def test_inputs_inside_the_range_are_not_clipped(fitted, views):
 
 
 def test_each_target_is_predicted_from_the_subset_that_predicted_it_best_on_held_out_rows(fitted, views, monkeypatch):
-    from skjnf._inference import ProductPosterior, choose_target_routes
+    from skjnf._inference import choose_target_routes
 
     X, _, _ = views
     est = copy.deepcopy(fitted)
     module = est.module_
     assert tuple(module.target_routes.shape) == (8, 3)  # subset bitmask x target
     blocks = {m: torch.as_tensor(X[m], dtype=torch.float32) for m in module.names}
-    product_mean = ProductPosterior.mean
-    monkeypatch.setattr(ProductPosterior, "mean", lambda self, *args: product_mean(self, *args) + 20.0)
-    with torch.no_grad():
-        module.subset_routes.copy_(torch.arange(8))  # every pair through its own posterior ...
-        module.subset_encoder.head.mean.bias.add_(20.0)  # ... the subset flow and the product misplacing every row
-        routed = choose_target_routes(module.eval(), blocks, None, 8, 0)
+    module.subset_routes.copy_(torch.arange(8))  # every pair through its own posterior ...
+    own_posteriors_misplaced(module, flow=True, product=True, monkeypatch=monkeypatch)  # ... each misplacing every row
+    routed = choose_target_routes(module.eval(), blocks, None, 8, 0)
     for pair, target in ((["a", "b"], "c"), (["a", "c"], "b"), (["b", "c"], "a")):
         used = routed["+".join(pair)][target]
         assert used in pair  # one of the pair's own experts, never the misplaced subset posterior
