@@ -729,6 +729,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         _, data, _ = validate_X(X, layout=self._layout, estimator=self)
         if cond_mod is None:
+            self._row_conditioning(data, None)  # a row observing nothing is an error naming it
             with frozen_inference(self.module_):
                 return marginal_log_likelihood(self.module_, data, self.n_importance_samples, self._inference_seed)
         mask = self._conditioning(cond_mod)
