@@ -24,6 +24,9 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 TABLES = ("digits3", "digits6", "cancer", "wine", "linear-gaussian")
+#: Tables built to have the properties of tables users bring (issue 27): a spectrum beside a few
+#: values it encodes, a small modality beside a wide one, and few rows with many features.
+BUILT_TABLES = ("spectra", "small-wide", "few-rows")
 
 
 @dataclass
@@ -96,6 +99,43 @@ def linear_gaussian(n_train: int = 1500, n_test: int = 500, seed: int = 0) -> Ta
     )
 
 
+def _spectra(n: int = 215, seed: int = 0, channels: int = 100) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Near-infrared-like spectra: a random baseline (offset, slope, curvature) that dominates each
+    spectrum's variance, plus three overlapping absorption bands whose heights are the three
+    composition values (fat, water, protein; water ~ 1.5 - fat - protein), plus channel noise."""
+    rng = np.random.default_rng(seed)
+    grid = np.linspace(0, 1, channels)
+    fat, protein = rng.uniform(0, 1, n), 0.5 * rng.uniform(0, 1, n)
+    composition = np.c_[fat, 1.5 - fat - protein + 0.1 * rng.normal(size=n), protein]
+    bands = np.stack([np.exp(-0.5 * ((grid - c) / w) ** 2) for c, w in [(0.3, 0.08), (0.5, 0.12), (0.65, 0.07)]])
+    baseline = rng.normal(0, 3, (n, 1)) + rng.normal(0, 1, (n, 1)) * grid + rng.normal(0, 0.5, (n, 1)) * grid**2
+    spectrum = baseline + 0.3 * composition @ bands + 0.01 * rng.normal(size=(n, channels))
+    return {"spectrum": spectrum, "composition": composition}, (fat > 0.5).astype(int)
+
+
+def _linear_views(
+    n: int, dims: tuple[int, ...], k: int, noise_sd: float, seed: int, names: tuple[str, ...]
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """x_m = W_m z + noise, z ~ N(0, I_k): views, labels (sign of z_0), and the exact covariance."""
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(sum(dims), k))
+    z = rng.normal(size=(n, k))
+    x = z @ W.T + noise_sd * rng.normal(size=(n, sum(dims)))
+    bounds = np.cumsum([0, *dims])
+    views = {m: x[:, lo:hi] for m, lo, hi in zip(names, bounds[:-1], bounds[1:])}
+    return views, (z[:, 0] > 0).astype(int), W @ W.T + noise_sd**2 * np.eye(sum(dims))
+
+
+def _few_rows(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """40 rows, 120 'genes' and 21 'lipids' driven by 5 latent factors and a 5-class label (nutrimouse-like)."""
+    rng = np.random.default_rng(seed + 7)
+    y = np.repeat(np.arange(5), 8)
+    z = rng.normal(size=(40, 5)) + 1.5 * rng.normal(size=(5, 5))[y]
+    genes = z @ rng.normal(size=(5, 120)) + rng.normal(size=(40, 120))
+    lipids = np.tanh(z @ rng.normal(size=(5, 21)) / 2) + 0.3 * rng.normal(size=(40, 21))
+    return {"genes": genes, "lipids": lipids}, y
+
+
 def bayes_predict(table: Table, X: dict[str, np.ndarray], cond: list[str]) -> dict[str, np.ndarray]:
     """E[x_m | x_S] for every modality m not in S, from the exact covariance (linear-gaussian)."""
     bounds = np.cumsum([0, *(x.shape[1] for x in table.train.values())])
@@ -108,19 +148,30 @@ def bayes_predict(table: Table, X: dict[str, np.ndarray], cond: list[str]) -> di
 
 
 def load_table(name: str, seed: int = 0) -> Table:
-    """One of ``TABLES``: train / test dicts of standardised float32 views, and labels."""
+    """One of ``TABLES`` or ``BUILT_TABLES``: train / test dicts of standardised float32 views, and labels."""
     if name == "linear-gaussian":
         return linear_gaussian(seed=seed)
-    views, y = {
-        "digits3": lambda: _digit_views(False),
-        "digits6": lambda: _digit_views(True),
-        "cancer": _cancer_views,
-        "wine": _wine_views,
-    }[name]()
+    covariance = None
+    if name == "small-wide":
+        views, y, covariance = _linear_views(400, (100, 3), 4, 1.0, seed, ("wide", "small"))
+    else:
+        views, y = {
+            "digits3": lambda: _digit_views(False),
+            "digits6": lambda: _digit_views(True),
+            "cancer": _cancer_views,
+            "wine": _wine_views,
+            "spectra": _spectra,
+            "few-rows": _few_rows,
+        }[name]()
     train, test = train_test_split(np.arange(len(y)), test_size=0.25, stratify=y, random_state=seed)
     X_train, X_test = {}, {}
+    stds = []
     for view, block in views.items():
         scaler = StandardScaler().fit(block[train])
         X_train[view] = scaler.transform(block[train]).astype(np.float32)
         X_test[view] = scaler.transform(block[test]).astype(np.float32)
-    return Table(name, X_train, X_test, y[train], y[test])
+        stds.append(scaler.scale_)
+    if covariance is not None:  # of the standardised features (the scaler's means are ignored: ~0)
+        std = np.concatenate(stds)
+        covariance = covariance / np.outer(std, std)
+    return Table(name, X_train, X_test, y[train], y[test], covariance)

@@ -15,6 +15,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from ._fitting import (
+    ACTIVITY_THRESHOLD,
     TrainingSettings,
     build_checked_module,
     split_rows,
@@ -255,6 +256,13 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         smaller subset's posterior mean), ``"product_subsets"`` (``["a+b"]``: the subsets whose
         posterior is the Gaussian product of their experts);
         its epoch rows carry ``"part_losses"`` (one per part, in that order).
+    latent_activity_ : ndarray of shape (latent_dim,)
+        Variance over the training rows of each dimension of the joint posterior mean (in units
+        of the prior's variance): near 0 for a dimension the model does not use.
+    active_dims_ : int
+        Number of dimensions with ``latent_activity_`` above 0.01 (Burda et al.'s active units).
+        Far below ``latent_dim``: the extra dimensions are unused and a smaller ``latent_dim``
+        fits as well.
     n_training_rows_ : dict
         Rows each part learned from (training and validation rows): ``"joint"`` (stage 1: every
         row, each through the modalities it observes), ``"experts"`` (stage 2, per modality: the
@@ -427,6 +435,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             del self.feature_names_in_
         self.n_training_rows_ = training_row_counts(data.observed, layout.names)
         self.history_ = history
+        self.latent_activity_ = np.asarray(history["joint"]["latent_activity"])
+        self.active_dims_ = int((self.latent_activity_ > ACTIVITY_THRESHOLD).sum())
         self.module_ = module
         return self
 
@@ -815,9 +825,12 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         if isinstance(weights, dict):
             module = build_module(state["_spec"], None, 0)
             weights = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
-            added = ("target_routes", "subset_products")  # since 0.1, with defaults: no clipping, no routes
+            # added since 0.1, their defaults the old behaviour: no clipping, no routes, and no
+            # linear path beside the experts' MLPs
+            added = ("target_routes", "subset_products")
             for key, value in module.state_dict().items():
-                if ".missing_features." in key or key.startswith("input_ranges.") or key in added:
+                new = key in added or key.endswith((".linear_weight", ".linear_bias"))
+                if new or ".missing_features." in key or key.startswith("input_ranges."):
                     weights.setdefault(key, value)
             module.load_state_dict(weights)
             device = _loaded_device(state.get("device", "cpu"))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.linear_model import RidgeCV
 
 from ._contracts import check_contracts
 from ._distributions import reparameterize
@@ -19,8 +20,10 @@ from ._modules import (
     JOINT_MEAN,
     OBSERVED,
     JNFModule,
+    UnimodalEncoder,
     choose_subset_routes,
     stage1_loss,
+    stage2_expert_rows,
     stage2_noise_dim,
     stage2_row_counts,
     stage2_terms,
@@ -31,7 +34,14 @@ from ._training import NOISE_KEY, STAGES, StageModule, train_stage
 from ._validation import Layout, ModalityData
 from ._warnings import user_stacklevel
 
-__all__ = ["TrainingSettings", "training_rows", "split_rows", "build_checked_module", "train_both_stages"]
+__all__ = [
+    "ACTIVITY_THRESHOLD",
+    "TrainingSettings",
+    "training_rows",
+    "split_rows",
+    "build_checked_module",
+    "train_both_stages",
+]
 
 
 @dataclass(frozen=True)
@@ -161,10 +171,24 @@ def train_both_stages(
                 scales = calibrate_auto_scales(module, spec, valid if valid is not None else train, seed)
                 if scales:
                     history["joint"]["calibrated_scales"] = scales
+                history["joint"]["latent_activity"] = latent_activity(module, train)
     finally:
         for p in joint_params:
             p.requires_grad_(True)
     return history
+
+
+#: A latent dimension is active when its joint posterior mean varies over the rows by more than this
+#: (in units of the prior's variance; Burda et al. 2016, "Importance weighted autoencoders", §5.2).
+ACTIVITY_THRESHOLD = 0.01
+
+
+def latent_activity(module: JNFModule, blocks: dict) -> list[float]:
+    """Per latent dimension, the variance over ``blocks``' rows of the joint posterior mean: near 0
+    for a dimension the model does not use (its posterior is the prior whatever the row)."""
+    with frozen_inference(module):
+        mean, _ = joint_posterior(module, blocks, blocks.get(OBSERVED))
+    return mean.double().var(0, correction=0).cpu().tolist() if len(mean) else [0.0] * module.latent_dim
 
 
 def _train_stage(module, stage, spec, train, valid, epochs, seed, settings: TrainingSettings, device) -> dict:
@@ -190,6 +214,7 @@ def _train_stage(module, stage, spec, train, valid, epochs, seed, settings: Trai
         train = _with_joint_posterior(module, train)
         valid = None if valid is None else _with_joint_posterior(module, valid)
         module.set_aggregate_posterior(train[JOINT_MEAN], train[JOINT_LOG_VAR])
+        set_linear_paths(module, train, torch.Generator(device=device).manual_seed(int(valid_seed) + 3))
     if valid is not None:
         n_valid = len(next(iter(valid.values())))
         fixed = torch.Generator(device=device).manual_seed(int(valid_seed))
@@ -286,6 +311,38 @@ def calibrate_auto_scales(module: JNFModule, spec: ModelSpec, blocks: dict, seed
             if len(x):
                 scales[name] = module.likelihoods[j].calibrate(x, a)
     return scales
+
+
+#: Most rows the closed-form linear paths of the experts are fitted on (a random subset beyond that):
+#: RidgeCV's cost grows with rows x features², and the MLP beside the path learns from every row.
+MAX_LINEAR_PATH_ROWS = 8192
+#: Ridge penalties tried by generalised cross-validation, relative to the mean eigenvalue of the
+#: inputs' centred Gram matrix (so the grid follows the data's units and width).
+RIDGE_ALPHAS = np.logspace(-6, 2, 17)
+
+
+def set_linear_paths(module: JNFModule, blocks: dict, generator: torch.Generator) -> None:
+    """Set each default expert encoder's linear path to the ridge regression of the frozen joint
+    posterior means on its (clipped) input, over the rows that expert learns from; the penalty is
+    chosen by generalised cross-validation (``RidgeCV``). Custom encoders are left alone."""
+    blocks = at_most(blocks, MAX_LINEAR_PATH_ROWS, generator)
+    observed = blocks.get(OBSERVED)
+    rows = None if observed is None else stage2_expert_rows(observed) > 0
+    target = blocks[JOINT_MEAN].double().cpu().numpy()
+    for j, (name, encoder) in enumerate(zip(module.names, module.encoders)):
+        if not isinstance(encoder, UnimodalEncoder):
+            continue
+        x = module.encoder_input(j, blocks[name]).flatten(1).double().cpu().numpy()
+        y = target
+        if rows is not None:
+            keep = rows[:, j].cpu().numpy()
+            x, y = x[keep], y[keep]
+        if len(x) < 3:
+            continue
+        scale = max(float(((x - x.mean(0)) ** 2).sum()) / x.shape[1], 1e-12)
+        ridge = RidgeCV(alphas=scale * RIDGE_ALPHAS).fit(x, y)
+        weight, bias = (torch.as_tensor(a, dtype=encoder.linear_weight.dtype) for a in (ridge.coef_, ridge.intercept_))
+        encoder.set_linear_path(weight.to(encoder.linear_weight.device), bias.to(encoder.linear_bias.device))
 
 
 def _with_joint_posterior(module: JNFModule, blocks: dict) -> dict:

@@ -21,6 +21,7 @@ from ._likelihoods import Decoded, Likelihood
 
 __all__ = [
     "GaussianHead",
+    "UnimodalEncoder",
     "JointEncoder",
     "Decoder",
     "SubsetEncoder",
@@ -56,15 +57,34 @@ class GaussianHead(nn.Module):
 
 
 class UnimodalEncoder(nn.Module):
-    """e_j: x_j → (mean, log-variance) of the base Gaussian of expert j."""
+    """e_j: x_j → (mean, log-variance) of the base Gaussian of expert j.
+
+    The mean is an MLP's output plus a linear path, ``linear_weight @ x + linear_bias``: fixed
+    buffers that ``fit`` sets in closed form before stage 2 (a ridge regression of the joint
+    posterior means on x_j, :func:`set_linear_path`), zero until then. The MLP learns what the
+    linear map leaves, and weight decay pulls it towards that linear map rather than towards a
+    constant. Gradient steps alone did not find a linear relation that spreads over many
+    correlated features, which a ridge regression reads at once.
+    """
 
     def __init__(self, in_features: int, hidden_sizes: Sequence[int], latent_dim: int):
         super().__init__()
         self.body = _flat(in_features, hidden_sizes)
         self.head = GaussianHead(_out_width(in_features, hidden_sizes), latent_dim)
+        self.register_buffer("linear_weight", torch.zeros(latent_dim, in_features))
+        self.register_buffer("linear_bias", torch.zeros(latent_dim))
+
+    def set_linear_path(self, weight: Tensor, bias: Tensor) -> None:
+        """Set the linear path and zero the MLP's mean output, so the mean starts as that linear map."""
+        with torch.no_grad():
+            self.linear_weight.copy_(weight)
+            self.linear_bias.copy_(bias)
+            nn.init.zeros_(self.head.mean.weight)
+            nn.init.zeros_(self.head.mean.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.head(self.body(x))
+        mean, log_var = self.head(self.body(x))
+        return mean + F.linear(x.flatten(1), self.linear_weight, self.linear_bias), log_var
 
 
 class JointEncoder(nn.Module):

@@ -101,10 +101,10 @@ def test_conditional_likelihood_converges_to_the_exact_conditional():
     Wa, ba = W[:3], b[:3]
     Ga = np.linalg.inv(np.eye(2) + Wa.T @ Wa / SCALE**2)
     with torch.no_grad():  # expert a: a Gaussian N(m_a, diag(Ga)) (identity flow, n_flow_blocks=0)
-        head = jnf.module_.encoders[0].head
+        encoder = jnf.module_.encoders[0]
         A = Ga @ Wa.T / SCALE**2
-        head.mean.weight.copy_(torch.tensor(A, dtype=torch.float32))
-        head.mean.bias.copy_(torch.tensor(-A @ ba, dtype=torch.float32))
+        encoder.set_linear_path(torch.tensor(A, dtype=torch.float32), torch.tensor(-A @ ba, dtype=torch.float32))
+        head = encoder.head
         head.log_var.weight.zero_()
         head.log_var.bias.copy_(inverse_softclamp(torch.tensor(np.log(np.diag(Ga)), dtype=torch.float32)))
     # the Monte Carlo estimate converges to log E_{z ~ expert}[p(x_b | z)], in closed form
