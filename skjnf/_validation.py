@@ -12,7 +12,15 @@ import torch
 from sklearn.base import clone
 from sklearn.utils.validation import check_array, validate_data
 
-__all__ = ["Layout", "ModalityData", "modalities_from_prefix", "resolve_layout", "validate_X", "rebuild_container"]
+__all__ = [
+    "Layout",
+    "ModalityData",
+    "modalities_from_prefix",
+    "resolve_layout",
+    "validate_X",
+    "rebuild_container",
+    "as_table",
+]
 
 _FLOAT_DTYPES = (np.float64, np.float32)
 
@@ -235,10 +243,7 @@ def _validate_2d(estimator, X, layout: Layout | None, modalities):
         rows = _observed_rows(modality, block)
         blocks[modality] = _to_tensor(block, rows)
         observed.append(rows)
-    container = {"kind": "array"}
-    if hasattr(X, "columns") and hasattr(X, "index"):
-        container = {"kind": "dataframe", "columns": X.columns, "index": X.index}
-    data = ModalityData(blocks, np.stack(observed, axis=1), array.dtype, container)
+    data = ModalityData(blocks, np.stack(observed, axis=1), array.dtype, table_container(X))
     return layout, data, info
 
 
@@ -332,8 +337,28 @@ def rebuild_container(arrays: dict[str, np.ndarray], layout: Layout, container: 
     out = np.empty((*first.shape[:-1], sum(layout.dims)), dtype=first.dtype)  # leading dims: draws, rows
     for modality, cols in zip(layout.names, layout.columns):
         out[..., cols] = arrays[modality]
+    return as_table(out, container)
+
+
+def table_container(X) -> dict:
+    """How to rebuild a 2-D table like X (:func:`as_table`): a pandas or polars DataFrame, or an array."""
+    if hasattr(X, "columns") and hasattr(X, "index"):
+        return {"kind": "dataframe", "columns": X.columns, "index": X.index}
+    if type(X).__module__.startswith("polars"):
+        return {"kind": "polars", "columns": list(X.columns)}
+    return {"kind": "array"}
+
+
+def as_table(values: np.ndarray, container: dict, columns=None):
+    """2-D ``values`` as the table kind the user passed (a pandas or polars DataFrame, with the
+    input's column names unless ``columns`` are given), else as they are."""
+    if values.ndim != 2 or container["kind"] not in ("dataframe", "polars"):
+        return values
+    columns = container["columns"] if columns is None else columns
     if container["kind"] == "dataframe":
         import pandas as pd
 
-        return pd.DataFrame(out, columns=container["columns"], index=container["index"])
-    return out
+        return pd.DataFrame(values, columns=columns, index=container["index"])
+    import polars as pl
+
+    return pl.DataFrame(values, schema=list(columns), orient="row")
