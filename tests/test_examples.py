@@ -26,8 +26,10 @@ FIGURES = {
     "plot_column_transformer_search.py": ["column_transformer_search.png"],
     "plot_dask_search.py": ["dask_search.png"],
     "plot_incomplete_rows.py": ["incomplete_rows.png"],
+    "plot_imputer_pipeline.py": ["imputer_pipeline.png"],
+    "plot_dask_imputation.py": ["dask_imputation.png"],
 }
-NEEDS = {"plot_dask_search.py": "distributed"}
+NEEDS = {"plot_dask_search.py": "distributed", "plot_dask_imputation.py": "distributed"}
 TIMEOUT_S = 300
 
 
