@@ -102,14 +102,16 @@ def linear_gaussian(n_train: int = 1500, n_test: int = 500, seed: int = 0) -> Ta
 def _spectra(n: int = 215, seed: int = 0, channels: int = 100) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Near-infrared-like spectra: a random baseline (offset, slope, curvature) that dominates each
     spectrum's variance, plus three overlapping absorption bands whose heights are the three
-    composition values (fat, water, protein; water ~ 1.5 - fat - protein), plus channel noise."""
+    composition values (fat, water, protein; water ~ 1.5 - fat - protein), plus channel noise, of
+    a size that leaves RidgeCV a 5-fold MSE of about 0.05 on the standardised composition, as on
+    the Tecator meat spectra (215 rows, 100 channels, fat / water / protein) users brought."""
     rng = np.random.default_rng(seed)
     grid = np.linspace(0, 1, channels)
     fat, protein = rng.uniform(0, 1, n), 0.5 * rng.uniform(0, 1, n)
     composition = np.c_[fat, 1.5 - fat - protein + 0.1 * rng.normal(size=n), protein]
     bands = np.stack([np.exp(-0.5 * ((grid - c) / w) ** 2) for c, w in [(0.3, 0.08), (0.5, 0.12), (0.65, 0.07)]])
     baseline = rng.normal(0, 3, (n, 1)) + rng.normal(0, 1, (n, 1)) * grid + rng.normal(0, 0.5, (n, 1)) * grid**2
-    spectrum = baseline + 0.3 * composition @ bands + 0.01 * rng.normal(size=(n, channels))
+    spectrum = baseline + 0.3 * composition @ bands + 0.04 * rng.normal(size=(n, channels))
     return {"spectrum": spectrum, "composition": composition}, (fat > 0.5).astype(int)
 
 

@@ -129,9 +129,14 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         scales let the decoder explain variation as noise (on 8x8 digits split in three
         modalities, latent 10, 30 epochs: linear-probe accuracy 0.84 with "auto", 0.73 with
         "learn").
-    rescale_likelihoods : bool or dict, default=False
+    rescale_likelihoods : bool or dict, default=True
         Weights of the stage-1 reconstruction terms: ``True`` weights each modality by
-        (largest width / its width); a dict gives the weights.
+        (largest width / its width), so that every modality counts as much as the widest in the
+        joint latent; ``False`` weights every feature alike (a modality then counts by its width);
+        a dict gives the weights. ``True`` is the default because, unweighted, a small modality
+        beside a wide one is left out of the latent, and so cannot be predicted from the others:
+        3 composition values beside a 100-channel spectrum were predicted no better than by
+        their mean (User Guide, "Likelihoods and scales"). ``score`` never uses the weights.
     beta : float, default=1.0
         Weight of the KL term in stage 1.
     flow : {"maf", "realnvp"} or dict, default="maf"
@@ -336,7 +341,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         decoder_hidden_sizes=None,
         decoder="normal",
         decoder_scale="auto",
-        rescale_likelihoods=False,
+        rescale_likelihoods=True,
         beta=1.0,
         flow="maf",
         n_flow_blocks=2,

@@ -28,9 +28,12 @@ def table(n, seed):
 
 @pytest.fixture(scope="module")
 def cluster_client():
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, memory_limit="2GiB", dashboard_address=None, processes=True
-    ) as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, memory_limit="2GiB", dashboard_address=None, processes=True
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         yield client
 
 
