@@ -12,9 +12,10 @@ from sklearn.preprocessing import StandardScaler
 QUICK = os.environ.get("SKJNF_EXAMPLE_QUICK") == "1"  # a few seconds, for CI
 
 
-def output_dir(script: str) -> Path:
-    """``output/`` next to the example script, created if needed."""
-    folder = Path(script).resolve().parent / "output"
+def output_dir() -> Path:
+    """``output/`` in the examples' folder, created if needed (found from this helper's own path:
+    sphinx-gallery runs the examples without ``__file__``)."""
+    folder = Path(__file__).resolve().parent / "output"
     folder.mkdir(exist_ok=True)
     return folder
 

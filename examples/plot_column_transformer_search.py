@@ -1,4 +1,5 @@
-"""JNF inside a pipeline: ColumnTransformer -> JNFEstimator -> LogisticRegression, tuned by GridSearchCV.
+"""JNF inside a pipeline: ColumnTransformer → JNFEstimator → LogisticRegression, tuned by GridSearchCV
+===================================================================================================
 
 The breast cancer table has three natural groups of named columns, used as modalities:
 the mean of ten cell-nucleus measurements, their standard error, and their worst value.
@@ -13,12 +14,12 @@ latent dimension next to a logistic regression on all thirty standardised column
 """
 
 import os
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from _digits import output_dir
 from sklearn.compose import ColumnTransformer
 from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
@@ -29,8 +30,7 @@ from sklearn.preprocessing import StandardScaler
 from skjnf import JNFEstimator
 
 QUICK = os.environ.get("SKJNF_EXAMPLE_QUICK") == "1"  # a few seconds, for CI
-OUTPUT = Path(__file__).resolve().parent / "output"
-OUTPUT.mkdir(exist_ok=True)
+OUTPUT = output_dir()
 
 X, y = load_breast_cancer(return_X_y=True, as_frame=True)
 X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, stratify=y, random_state=0)

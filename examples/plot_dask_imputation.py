@@ -1,4 +1,5 @@
-"""Imputing and encoding a table of a million rows, partition by partition, with dask.
+"""Imputing and encoding a table of a million rows, partition by partition, with dask
+==================================================================================
 
 Once fitted, ``JNFImputer.transform`` and ``JNFEstimator.transform`` treat every row on its
 own, so a table larger than one machine's memory can go through them one partition at a time.
@@ -13,7 +14,6 @@ hidden column against the true ones.
 """
 
 import os
-from pathlib import Path
 
 import dask
 import dask.dataframe as dd
@@ -23,12 +23,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from _digits import output_dir
 from dask.distributed import Client, LocalCluster
 
 from skjnf import JNFEstimator, JNFImputer
 
 QUICK = os.environ.get("SKJNF_EXAMPLE_QUICK") == "1"  # a few seconds, for CI
-OUTPUT = Path(__file__).resolve().parent / "output"
+OUTPUT = output_dir()
 N_ROWS, N_PARTITIONS = (100_000 if QUICK else 1_000_000), 10
 COLUMNS = [f"a__{k}" for k in range(5)] + [f"b__{k}" for k in range(4)]
 W = np.random.default_rng(0).normal(size=(3, len(COLUMNS)))
@@ -45,7 +46,6 @@ def make_table(n_rows, seed, hide=True):
 
 
 def main():
-    OUTPUT.mkdir(exist_ok=True)
     epochs = 3 if QUICK else 40
     estimator = JNFEstimator(latent_dim=3, hidden_sizes=(64, 64), joint_epochs=epochs, flow_epochs=epochs)
     imputer = JNFImputer("prefix", estimator=estimator, random_state=0).fit(make_table(3000, seed=4321))

@@ -1,4 +1,5 @@
-"""Distributing an unsupervised GridSearchCV over a dask cluster.
+"""Distributing an unsupervised GridSearchCV over a dask cluster
+=============================================================
 
 Three views of the same samples are generated from a 3-D clustered latent variable
 (``make_blobs``), each through its own random non-linear map plus noise. Without labels,
@@ -14,7 +15,6 @@ dimension, 3.
 """
 
 import os
-from pathlib import Path
 
 import joblib
 import matplotlib
@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from _digits import output_dir
 from dask.distributed import Client, LocalCluster, get_task_stream
 from sklearn.datasets import make_blobs
 from sklearn.model_selection import GridSearchCV
@@ -29,7 +30,7 @@ from sklearn.model_selection import GridSearchCV
 from skjnf import JNFEstimator, SliceDict
 
 QUICK = os.environ.get("SKJNF_EXAMPLE_QUICK") == "1"  # a few seconds, for CI
-OUTPUT = Path(__file__).resolve().parent / "output"
+OUTPUT = output_dir()
 
 
 def make_views(n_samples, random_state=0):
@@ -45,7 +46,6 @@ def make_views(n_samples, random_state=0):
 
 
 def main():
-    OUTPUT.mkdir(exist_ok=True)
     X = make_views(300 if QUICK else 1000)
     latent_dims = [1, 3] if QUICK else [1, 2, 3, 4, 6]
     # Small networks, large batches: the search takes under a minute on two CPU cores.

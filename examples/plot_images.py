@@ -1,4 +1,5 @@
-"""Images with convolutional networks: generate digits from a tabular ink profile.
+"""Images with convolutional networks: generate digits from a tabular ink profile
+==============================================================================
 
 Each 8x8 digit is one modality of shape (1, 8, 8), handled by a small convolutional encoder,
 decoder and joint-encoder trunk passed through ``networks``; a second, tabular modality holds its
@@ -21,7 +22,7 @@ from torch import nn
 
 from skjnf import JNFEstimator
 
-OUTPUT = output_dir(__file__)
+OUTPUT = output_dir()
 torch.set_num_threads(1)  # small networks: one thread is fastest on a small, shared CPU
 
 

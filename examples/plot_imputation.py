@@ -1,4 +1,5 @@
-"""Imputing a missing modality with ``predict``.
+"""Imputing a missing modality with ``predict``
+============================================
 
 JNF is fitted on three modalities of the digits: the left half of the image, the right half,
 and a tabular ink profile (mean intensity of every row and column). In half of the test
@@ -22,7 +23,7 @@ from _digits import QUICK, digit_views, output_dir
 
 from skjnf import JNFEstimator
 
-OUTPUT = output_dir(__file__)
+OUTPUT = output_dir()
 torch.set_num_threads(1)  # small networks: one thread is fastest on a small, shared CPU
 
 # Three modalities of the digits, standardised per modality on the training rows.

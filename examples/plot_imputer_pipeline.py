@@ -1,4 +1,5 @@
-"""Imputing missing modality blocks in a Pipeline.
+"""Imputing missing modality blocks in a Pipeline
+==============================================
 
 The breast-cancer table has three groups of ten measurements per tumour: their mean, their
 standard error and their worst value. Here 30 % of the rows lose one or two of these groups
@@ -12,7 +13,6 @@ on the test rows (standardised units) and the accuracy of the classifier behind 
 
 import os
 import warnings
-from pathlib import Path
 
 import matplotlib
 
@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from _digits import output_dir
 from sklearn.datasets import load_breast_cancer
 from sklearn.ensemble import ExtraTreesRegressor
 from sklearn.exceptions import ConvergenceWarning
@@ -33,8 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from skjnf import JNFEstimator, JNFImputer
 
 QUICK = os.environ.get("SKJNF_EXAMPLE_QUICK") == "1"  # a few seconds, for CI
-OUTPUT = Path(__file__).resolve().parent / "output"
-OUTPUT.mkdir(exist_ok=True)
+OUTPUT = output_dir()
 torch.set_num_threads(1)
 
 # %%

@@ -1,4 +1,5 @@
-"""Training on incomplete rows: use every observed modality instead of dropping rows.
+"""Training on incomplete rows: use every observed modality instead of dropping rows
+=================================================================================
 
 Real multimodal tables are incomplete: here the digits in three modalities (left half, right
 half, ink profile), where a growing fraction of the training rows misses one or two modalities
@@ -26,7 +27,7 @@ from sklearn.impute import IterativeImputer
 
 from skjnf import JNFEstimator
 
-OUTPUT = output_dir(__file__)
+OUTPUT = output_dir()
 torch.set_num_threads(1)  # small networks: one thread is fastest on a small, shared CPU
 
 data = digit_views(n_test_quick=60)

@@ -1,4 +1,5 @@
-"""Quickstart: one shared latent space for three views of the digits.
+"""Quickstart: one shared latent space for three views of the digits
+=================================================================
 
 Each 8x8 digit image is split into three modalities: the left half of the image, the right
 half, and a small tabular "ink profile" (mean intensity of every row and every column).
@@ -25,7 +26,7 @@ from sklearn.linear_model import LogisticRegression
 
 from skjnf import JNFEstimator
 
-OUTPUT = output_dir(__file__)
+OUTPUT = output_dir()
 torch.set_num_threads(1)  # small networks: one thread is fastest on a small, shared CPU
 
 # Three modalities of the same digits, standardised per modality on the training rows.

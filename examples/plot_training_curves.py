@@ -1,4 +1,5 @@
-"""Training curves of JNF's two stages, read from ``history_``.
+"""Training curves of JNF's two stages, read from ``history_``
+===========================================================
 
 JNF trains in two stages. Stage 1 fits the joint VAE on all modalities (its loss is the
 negative ELBO); stage 2 freezes it and fits one encoder with a normalizing flow per modality,
@@ -12,7 +13,6 @@ train fewer epochs, or set ``early_stopping=True``.
 """
 
 import os
-from pathlib import Path
 
 import matplotlib
 
@@ -20,14 +20,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from _digits import output_dir
 from sklearn.datasets import load_digits
 from sklearn.preprocessing import StandardScaler
 
 from skjnf import JNFEstimator
 
 QUICK = os.environ.get("SKJNF_EXAMPLE_QUICK") == "1"  # a few seconds, for CI
-OUTPUT = Path(__file__).resolve().parent / "output"
-OUTPUT.mkdir(exist_ok=True)
+OUTPUT = output_dir()
 torch.set_num_threads(1)  # small networks: one thread is fastest on a small, shared CPU
 
 # The digits as three standardised modalities: left half, right half, ink profile.

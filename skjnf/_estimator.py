@@ -99,11 +99,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         Dimension D of the shared latent space.
     hidden_sizes : tuple of int, default=(256, 256)
         Widths of the encoder MLPs (and of the decoders, reversed, unless
-        ``decoder_hidden_sizes`` is given). With ``batch_size=128``, ``lr=2e-3`` and early stopping
-        this fitted standardised real tables 1.5-3.8x faster than 0.1.0's (512, 512) / batch 64 /
-        1e-3 / 200 epochs (six-view digits, 272 features: 113 s -> 37 s), with the same
-        linear-probe accuracy and a held-out log-likelihood 0.5 % higher to 8 % lower
-        (``benchmarks/training_defaults.py``).
+        ``decoder_hidden_sizes`` is given). See the User Guide, "Choosing the size and the
+        training settings", for how the training defaults were chosen.
     decoder_hidden_sizes : tuple of int or None, default=None
         Widths of the decoder MLPs, from the latent outwards; ``None`` uses ``hidden_sizes``
         reversed. A lighter decoder (e.g. ``(512,)``) trains faster and makes ``score``'s
@@ -116,27 +113,19 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         (non-negative integer counts; the latter learns one dispersion per feature).
     decoder_scale : float, "auto", "learn" or dict, default="auto"
         Standard deviation (normal) or scale (laplace). ``"auto"``: stage 1 trains with one fixed
-        scale per modality, half the RMS standard deviation of its features (training rows); then
-        the scale is set to its maximum-likelihood value on the validation rows (the residual RMS
-        of the trained decoders at joint-posterior draws; ``history_["joint"]["calibrated_scales"]``),
-        which ``score`` and ``sample(add_noise=True)`` use. Latents and predictions do not depend on
-        the calibration; the held-out log-likelihood does (benchmark tables: +0.7 to +7.8 nats per
-        row, the linear-Gaussian one from -29.0 to -21.2). ``"learn"`` learns one
-        scale per feature in stage 1, starting at the feature's standard deviation, floored at
-        1e-3 of it. A dict gives one of these per modality. ``"auto"`` is the default because it
-        adapts to the data's units (raw, standardised or [0, 1]): a fixed 1.0 on [0, 1] features
-        makes the reconstruction term too weak and the latent collapses, and per-feature learned
-        scales let the decoder explain variation as noise (on 8x8 digits split in three
-        modalities, latent 10, 30 epochs: linear-probe accuracy 0.84 with "auto", 0.73 with
-        "learn").
+        scale per modality, half the RMS standard deviation of its features (training rows);
+        then the scale is set to its maximum-likelihood value on the validation rows
+        (``history_["joint"]["calibrated_scales"]``), which ``score`` and
+        ``sample(add_noise=True)`` use; latents and predictions do not depend on it.
+        ``"learn"``: one scale per feature learned in stage 1, starting at the feature's
+        standard deviation, floored at 1e-3 of it. A dict gives one of these per modality. See
+        the User Guide, "Likelihoods and scales", for why ``"auto"`` is the default.
     rescale_likelihoods : bool or dict, default=True
         Weights of the stage-1 reconstruction terms: ``True`` weights each modality by
-        (largest width / its width), so that every modality counts as much as the widest in the
-        joint latent; ``False`` weights every feature alike (a modality then counts by its width);
-        a dict gives the weights. ``True`` is the default because, unweighted, a small modality
-        beside a wide one is left out of the latent, and so cannot be predicted from the others:
-        3 composition values beside a 100-channel spectrum were predicted no better than by
-        their mean (User Guide, "Likelihoods and scales"). ``score`` never uses the weights.
+        (largest width / its width), so that each counts as much as the widest in the joint
+        latent; ``False`` weights every feature alike (a modality then counts by its width); a
+        dict gives the weights. ``score`` never uses them. See the User Guide, "Likelihoods and
+        scales": unweighted, a small modality beside a wide one is left out of the latent.
     beta : float, default=1.0
         Weight of the KL term in stage 1.
     flow : {"maf", "realnvp"} or dict, default="maf"
@@ -152,65 +141,43 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         Custom networks per modality: ``{name: {part: factory}}``, a factory being a callable
         (e.g. a ``torch.nn.Module`` class) or ``(callable, kwargs)``; parts left out use the
         MLPs of ``hidden_sizes``. ``"encoder"``: ``f(in_shape, latent_dim)``, a module mapping
-        x (n, *in_shape) to (mean, log_variance), each (n, latent_dim). ``"decoder"``:
-        ``f(latent_dim, out_shape)``, mapping z (..., latent_dim) to the likelihood's natural
-        parameters (..., *out_shape). ``"trunk"``: ``f(in_shape)``, mapping x (n, *in_shape) to
-        features (n, width) for the joint encoder. Blocks may have any row shape (e.g. images
-        (n, 1, 8, 8)); default networks flatten them. The contract is checked on two rows at the
-        start of ``fit``.
+        ``x`` of shape ``(n, *in_shape)`` to ``(mean, log_variance)``, each
+        ``(n, latent_dim)``. ``"decoder"``: ``f(latent_dim, out_shape)``, mapping ``z`` of
+        shape ``(..., latent_dim)`` to the likelihood's natural parameters
+        ``(..., *out_shape)``. ``"trunk"``: ``f(in_shape)``, mapping ``x`` to features
+        ``(n, width)`` for the joint encoder. Blocks may have any row shape (e.g. images
+        ``(n, 1, 8, 8)``); default networks flatten them. The contract is checked on two rows
+        at the start of ``fit``.
     joint_epochs, flow_epochs : int, default=100
         Most epochs of stage 1 (joint VAE) and stage 2 (experts and flows); with early stopping
-        (the default) stages often end earlier (45-100 epochs on the benchmark tables).
+        stages often end earlier.
     batch_size : int, default=128
-        Rows per training step (see ``hidden_sizes`` for the measurement).
+        Rows per training step.
     lr : float, default=2e-3
-        Adam learning rate of both stages (doubled with the batch size). 1e-3 with up to 200 epochs
-        gave a higher held-out log-likelihood on three of five tables, but a worse subset posterior
-        on the six-view digits (worst ratio to the best single view 8.2 instead of 2.8).
+        Adam learning rate of both stages.
     expert_weight_decay : float, default=1.0
-        Decoupled weight decay (AdamW) of stage 2: it pulls the experts' flows towards the identity
-        they start from and their encoders towards small weights. Without it the experts fit the
-        training rows' joint posteriors within a few epochs and their flows grow far tails: on
-        the digits in three standardised views, one flow expert's mean prediction of another view
-        had MSE 13-60 (training mean: 1.0); with 1.0, 0.33-1.2, at or below RidgeCV's.
+        Decoupled weight decay (AdamW) of the stage-2 experts: it pulls their flows towards the
+        identity they start from and their MLPs towards the closed-form linear path beside them
+        (see the User Guide, "Concepts"). Without it the experts overfit the training rows'
+        joint posteriors and their flows grow far tails.
     early_stopping : bool, default=True
-        Stop a stage after 10 epochs (and at least 100 optimizer steps: on a table of a few
-        hundred rows an epoch is 1-3 steps) in which no part improved on the validation rows. On
-        standardised real tables the best stage-2 epochs came at 14-60 of 100, so the rest was
-        wasted time (and the best weights are restored either way).
+        Stop a stage after 10 epochs (and at least 100 optimizer steps) in which no part
+        improved on the validation rows; the best weights are restored either way.
     cond_mod : str, list of str or None, default=None
         Default conditioning modalities of transform and co; None uses every observed one.
     latent : {"mean", "sample"}, default="mean"
         What ``transform`` returns: the posterior mean or one posterior draw.
     subset_posterior : {"amortized", "product", "product_prior", "generative"}, default="amortized"
-        The posterior given a subset of 2..M-1 modalities. ``"amortized"``: a subset encoder
-        (each modality read through the joint encoder's frozen trunk plus a one-hidden-layer
-        view of its input, pooled by learned weights over the subset) and a flow of its own,
-        trained in stage 2 like the experts, on two random subsets per row, to cover the joint
-        posterior; its mean and draws cost one flow pass, as for one modality. Where the
-        Gaussian product of the subset's experts (each linearised at its mode, divided by the
-        aggregate posterior below: closed form, no MCMC) predicted the modalities outside the
-        subset better on the validation rows, that product is the subset's posterior instead
-        (``history_["flows"]["product_subsets"]``; on a linear-Gaussian table the experts are
-        Gaussian and it is their exact product).
+        The posterior given a subset of 2..M-1 modalities. ``"amortized"``: a subset encoder and
+        a flow of its own, trained in stage 2 like the experts, or, where it predicted the other
+        modalities better on the validation rows, the closed-form Gaussian product of the
+        subset's linearised experts; ``fit`` also routes each subset, and for up to 8
+        modalities each (subset, target) pair, to the posterior of the smaller subset that did
+        best on the validation rows (the choices are in ``history_["flows"]``).
         ``"product"``: the experts' product divided by a Gaussian fit of the joint encoder's
-        aggregate posterior (the density the experts integrate to), sampled by HMC.
-        ``"product_prior"``: the paper's product of experts divided by the prior N(0, I), by HMC.
-        ``"generative"``: HMC on the decoders' posterior p(z) Π p(x_j | z), started from the
-        experts. ``"amortized"`` is the default by measurement (``benchmarks/subset_inference.py``,
-        standardised real tables): from two or more digit views the products predicted up to
-        1.9-6.7x worse than the best single view, with escaping chains; "generative" came closer
-        but was 3-10x slower and escaped too; "amortized" never escapes and is the fastest. With
-        "amortized", ``fit`` routes each subset whose held-out fit is better with the posterior of
-        one of its subsets (or one expert) to that posterior (``history_["flows"]["subset_routes"]``),
-        and, for up to 8 modalities, chooses per subset S and target modality t the subset of S
-        whose posterior mean predicted t best on the validation rows (at most 2048 of them, a
-        random subset beyond that): ``predict`` decodes t from that one
-        (``history_["flows"]["target_routes"]``), so on the validation rows adding a modality
-        never made a prediction worse; ``transform`` and ``sample`` keep S's own posterior. The
-        experts and the subset encoder read each feature clipped to its range in ``fit`` (on the
-        standardised digits one test row at 120 standard deviations had doubled a view's mean
-        error).
+        aggregate posterior, sampled by HMC. ``"product_prior"``: the paper's product of experts
+        divided by the prior N(0, I), by HMC. ``"generative"``: HMC on p(z) Π p(x_j | z). See
+        the User Guide, "Concepts", for the measurements behind the default.
     n_mcmc_steps : int, default=20
         HMC iterations of the HMC ``subset_posterior`` options (the first half is burn-in).
     n_leapfrog : int, default=5
@@ -218,15 +185,10 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
     step_size : "auto" or float, default="auto"
         HMC step: adapted per row during burn-in towards acceptance 0.75, or fixed.
     n_posterior_samples : int, default=20
-        Posterior positions averaged per row for a posterior mean: for a flow posterior (one
-        modality, or a subset with "amortized"), draws in antithetic pairs ±ε of base noise (an
-        odd count adds the base mean), so the draws' noise averages to exactly zero; for an HMC
-        subset posterior, post-burn-in HMC positions of
+        Posterior positions averaged per row for a posterior mean: for a flow posterior,
+        draws in antithetic pairs ±ε of base noise (an odd count adds the base mean); for an
+        HMC subset posterior, post-burn-in positions of
         ``ceil(n_posterior_samples / (n_mcmc_steps - n_mcmc_steps // 2))`` chains.
-        The HMC defaults (2 chains x 20 iterations x 5 leapfrog steps) were chosen by measurement
-        (``benchmarks/hmc_budget.py``: 450 rows, two 2-block MAF experts, latent 10): the mean's
-        error is 0.29 posterior standard deviations in about 1 s on two CPU cores, better than
-        the mean of 10 reference-style chains (0.40) at about 50 times less time.
     n_importance_samples : int, default=100
         Importance samples K of ``score_samples``.
     device : {"cpu", "cuda", "auto"}, default="cpu"
@@ -242,7 +204,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
     modality_dims_ : dict of str to int
     n_features_in_ : int
         Number of features seen in fit (all modalities).
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (``n_features_in_``,)
         Defined only when X is a DataFrame with string column names.
     module_ : torch.nn.Module
         The trained networks.
@@ -780,7 +742,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         return float(np.mean(self.score_samples(X)))
 
     def get_feature_names_out(self, input_features=None):
-        """Names of the latent coordinates: ``jnf0 .. jnf{latent_dim-1}``.
+        """Names of the latent coordinates, ``jnf0`` to ``jnf{latent_dim-1}``.
 
         Parameters
         ----------

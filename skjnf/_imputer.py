@@ -82,10 +82,10 @@ class JNFImputer(TransformerMixin, BaseEstimator):
         The fitted model.
     modality_names_ : list of str
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (``n_features_in_``,)
         Defined only when X has string column names.
 
-    column_means_ : ndarray of shape (n_features_in_,)
+    column_means_ : ndarray of shape (``n_features_in_``,)
         Each column's mean over its observed training values (what ``partial_nan="impute"``
         reads a missing cell as).
 
