@@ -29,7 +29,6 @@ from ._inference import (
     HMCStats,
     conditional_log_likelihood,
     decode_in_chunks,
-    frozen_inference,
     latents_by_pattern,
     marginal_log_likelihood,
     target_conditioning,
@@ -389,7 +388,10 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         train = {m: x[train_rows].to(device) for m, x in blocks.items()}
         valid = {m: x[valid_rows].to(device) for m, x in blocks.items()} if len(valid_rows) else None
         history = train_both_stages(module, spec, train, valid, self._training_settings(), (seed1, seed2), device)
-        module.eval()  # from now on an inference object (user networks may hold dropout / batch norm)
+        # from now on an inference object, frozen once: eval mode (user networks may hold dropout or
+        # batch norm) and no parameter requiring gradients, so inference only adds torch.no_grad()
+        # and never writes on the module (several threads may share it)
+        module.eval().requires_grad_(False)
         # Fitted state is assigned only now: a failed (re)fit leaves the previous one intact.
         self._layout, self._spec, self._device = layout, spec, device
         self._inference_seed = inference_seed
@@ -476,7 +478,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         each row conditioned on ``cond_mod`` or, given ``conditioning`` (n, M), on what it marks."""
         if conditioning is None:
             conditioning = self._row_conditioning(data, cond_mod)
-        with frozen_inference(self.module_):
+        with torch.no_grad():
             return latents_by_pattern(
                 self.module_,
                 data,
@@ -546,7 +548,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             return decoded.sample(generator) if output == "sample" else getattr(decoded, output)()
 
         out = {}
-        with frozen_inference(self.module_):
+        with torch.no_grad():
             for name in names or self.modality_names_:
                 out[name] = decode_in_chunks(lambda z, name=name: read(self.module_.decode(name, z)), latent)
                 out[name] = out[name].cpu().numpy()
@@ -707,7 +709,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         _, data, _ = validate_X(X, layout=self._layout, estimator=self)
         if cond_mod is None:
             self._row_conditioning(data, None)  # a row observing nothing is an error naming it
-            with frozen_inference(self.module_):
+            with torch.no_grad():
                 return marginal_log_likelihood(self.module_, data, self.n_importance_samples, self._inference_seed)
         mask = self._conditioning(cond_mod)
         targets = [m for m, c in zip(self.modality_names_, mask) if not c]
@@ -720,7 +722,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         observed = None
         if not data.observed[:, ~mask].all():
             observed = torch.from_numpy(data.observed[:, ~mask].astype(np.float64)).to(self._device)
-        with frozen_inference(self.module_):
+        with torch.no_grad():
             draws = torch.from_numpy(draws).to(self._device)
             log_p = conditional_log_likelihood(self.module_, blocks, targets, draws, observed)
         return log_p.cpu().numpy()
@@ -801,7 +803,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
                     weights.setdefault(key, value)
             module.load_state_dict(weights)
             device = _loaded_device(state.get("device", "cpu"))
-            state["module_"] = module.to(device).eval()
+            state["module_"] = module.to(device).eval().requires_grad_(False)
             state["_device"] = device
         super().__setstate__(state)
 
