@@ -32,6 +32,8 @@ from skjnf import JNFEstimator
 QUICK = os.environ.get("SKJNF_EXAMPLE_QUICK") == "1"  # a few seconds, for CI
 OUTPUT = output_dir()
 
+# %%
+# The table: breast-cancer measurements in three groups (mean, standard error, worst value).
 X, y = load_breast_cancer(return_X_y=True, as_frame=True)
 X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, stratify=y, random_state=0)
 groups = {
@@ -40,6 +42,8 @@ groups = {
     "worst": [column for column in X.columns if column.startswith("worst ")],
 }
 
+# %%
+# The pipeline: each group scaled on its own, JNF over the three groups, a classifier on its latent.
 scale = ColumnTransformer([(name, StandardScaler(), columns) for name, columns in groups.items()])
 scale.set_output(transform="pandas")
 # Column "mean radius" of group "mean" comes out as "mean__mean radius".

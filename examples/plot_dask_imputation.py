@@ -35,6 +35,8 @@ COLUMNS = [f"a__{k}" for k in range(5)] + [f"b__{k}" for k in range(4)]
 W = np.random.default_rng(0).normal(size=(3, len(COLUMNS)))
 
 
+# %%
+# The data: ``make_table``.
 def make_table(n_rows, seed, hide=True):
     """Two views of a 3-D latent through a non-linear map; modality b missing in every 20th row."""
     rng = np.random.default_rng(seed)
@@ -45,6 +47,8 @@ def make_table(n_rows, seed, hide=True):
     return table
 
 
+# %%
+# Fit, run on the cluster, plot.
 def main():
     epochs = 3 if QUICK else 40
     estimator = JNFEstimator(latent_dim=3, hidden_sizes=(64, 64), joint_epochs=epochs, flow_epochs=epochs)

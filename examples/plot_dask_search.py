@@ -33,6 +33,8 @@ QUICK = os.environ.get("SKJNF_EXAMPLE_QUICK") == "1"  # a few seconds, for CI
 OUTPUT = output_dir()
 
 
+# %%
+# The data: ``make_views``.
 def make_views(n_samples, random_state=0):
     """Three noisy non-linear views (widths 10, 8 and 6) of a 3-D latent with four clusters."""
     rng = np.random.default_rng(random_state)
@@ -45,6 +47,8 @@ def make_views(n_samples, random_state=0):
     return SliceDict(**views)
 
 
+# %%
+# Fit, run on the cluster, plot.
 def main():
     X = make_views(300 if QUICK else 1000)
     latent_dims = [1, 3] if QUICK else [1, 2, 3, 4, 6]

@@ -26,6 +26,8 @@ OUTPUT = output_dir()
 torch.set_num_threads(1)  # small networks: one thread is fastest on a small, shared CPU
 
 
+# %%
+# Convolutional networks for the image modality, passed through ``networks``.
 class ConvEncoder(nn.Module):
     """x (n, 1, 8, 8) -> (mean, log-variance) of the latent."""
 
@@ -72,6 +74,8 @@ class ConvDecoder(nn.Module):
         return self.net(h).reshape(*z.shape[:-1], *self.out_shape)
 
 
+# %%
+# The digits as (1, 8, 8) images beside their tabular ink profile; fit, reconstruct, generate.
 digits = load_digits()
 images = digits.images[:, None] / 16.0  # (n, 1, 8, 8) in [0, 1]
 profile = np.hstack([images.mean(axis=(1, 3)), images.mean(axis=(1, 2))])
@@ -95,6 +99,8 @@ mean_image_mse = np.mean((X_test["image"] - X_train["image"].mean(0)) ** 2)
 print(f"reconstruction MSE {np.mean((reconstructed - X_test['image']) ** 2):.4f}  (mean image: {mean_image_mse:.4f})")
 print(f"from the profile alone: MSE {np.mean((generated.mean(0) - X_test['image']) ** 2):.4f}")
 
+# %%
+# The figure: true, reconstructed and generated digits.
 rows = [("true", X_test["image"]), ("reconstructed", reconstructed)] + [
     (f"from profile #{k + 1}", generated[k]) for k in range(3)
 ]

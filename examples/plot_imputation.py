@@ -26,6 +26,7 @@ from skjnf import JNFEstimator
 OUTPUT = output_dir()
 torch.set_num_threads(1)  # small networks: one thread is fastest on a small, shared CPU
 
+# %%
 # Three modalities of the digits, standardised per modality on the training rows.
 data = digit_views(n_test_quick=60)
 X_train, X_test, images, test, scalers = data.X_train, data.X_test, data.images, data.test, data.scalers
@@ -41,6 +42,7 @@ jnf = JNFEstimator(
 )
 jnf.fit(X_train)
 
+# %%
 # Hide the right half in every other test row: a missing modality is an all-NaN row.
 hidden = np.arange(len(test)) % 2 == 0
 X_missing = {name: block.copy() for name, block in X_test.items()}
@@ -79,6 +81,7 @@ bars.set(
 )
 fig.savefig(OUTPUT / "imputation.png", dpi=100)
 
+# %%
 # A few digits: true image, observed left half only, left half + imputed right half.
 rows = test[hidden][:8]
 cmap = plt.get_cmap("gray_r").with_extremes(bad="lightsteelblue")  # hidden pixels in blue

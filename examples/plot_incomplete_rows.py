@@ -37,6 +37,8 @@ rng = np.random.default_rng(0)
 fractions = [0.0, 0.6] if QUICK else [0.0, 0.3, 0.6, 0.85]
 
 
+# %%
+# The data: ``make_incomplete``.
 def make_incomplete(X, fraction):
     """Each row, with probability ``fraction``, misses one or two of the three modalities."""
     X = {name: block.copy() for name, block in X.items()}
@@ -47,11 +49,15 @@ def make_incomplete(X, fraction):
     return X, ~incomplete
 
 
+# %%
+# The data: ``cross_modal_mse``.
 def cross_modal_mse(predict):
     """Mean per-feature MSE of each modality predicted from the two others (standardised units)."""
     return np.mean([np.mean((predict(target) - X_test[target]) ** 2) for target in names])
 
 
+# %%
+# The data: ``jnf``.
 def jnf(X):
     params = dict(joint_epochs=2, flow_epochs=2) if QUICK else {}
     with warnings.catch_warnings():

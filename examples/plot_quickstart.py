@@ -29,10 +29,12 @@ from skjnf import JNFEstimator
 OUTPUT = output_dir()
 torch.set_num_threads(1)  # small networks: one thread is fastest on a small, shared CPU
 
+# %%
 # Three modalities of the same digits, standardised per modality on the training rows.
 data = digit_views(n_test_quick=100)
 X_train, X_test, y_train, y_test = data.X_train, data.X_test, data.y_train, data.y_test
 
+# %%
 # Small networks and budgets keep the run under a minute on two CPU cores.
 jnf = JNFEstimator(
     latent_dim=8,

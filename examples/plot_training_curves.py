@@ -30,6 +30,7 @@ QUICK = os.environ.get("SKJNF_EXAMPLE_QUICK") == "1"  # a few seconds, for CI
 OUTPUT = output_dir()
 torch.set_num_threads(1)  # small networks: one thread is fastest on a small, shared CPU
 
+# %%
 # The digits as three standardised modalities: left half, right half, ink profile.
 images = load_digits().images[:300] if QUICK else load_digits().images
 views = {

@@ -26,6 +26,7 @@ def test_every_example_is_a_gallery_script_with_a_title():
         assert docstring, script.name
         title, underline = docstring.splitlines()[:2]
         assert underline == "=" * len(title), f"{script.name}: the docstring's first line needs an '=' underline"
+        assert "\n# %%\n" in script.read_text(), f"{script.name}: no sphinx-gallery section comment ('# %%')"
     assert (ROOT / "examples" / "README.txt").exists()  # the gallery's header
 
 
