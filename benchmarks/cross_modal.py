@@ -17,7 +17,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -28,6 +27,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from _cli import benchmark_parser, set_threads  # noqa: E402
 
 
 def baselines(x_train, y_train, x_test) -> dict[str, np.ndarray]:
@@ -120,16 +121,12 @@ def summary(result: dict) -> str:
 def main() -> None:
     from _tables import BUILT_TABLES, TABLES
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "cross_modal.json")
     parser.add_argument("--tables", nargs="+", default=list(BUILT_TABLES + TABLES))
     parser.add_argument("--params", default="{}", help="JNFEstimator parameters, JSON")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(HERE / "results" / "cross_modal.json"))
     args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     results = []
     print("| table | from | skjnf | RidgeCV | PLS | KNN | mean | Bayes | ratio mean / worst |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -17,7 +17,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -28,6 +27,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from _cli import benchmark_parser, set_threads  # noqa: E402
 
 
 def hide_blocks(X: np.ndarray, bounds, fraction: float, rng) -> np.ndarray:
@@ -99,16 +100,12 @@ def measure(table_name: str, fraction: float, seed: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "imputers.json")
     parser.add_argument("--tables", nargs="+", default=["digits3", "cancer", "wine", "linear-gaussian"])
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.3, 0.6])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(HERE / "results" / "imputers.json"))
     args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     results = []
     print("| table | rows missing | imputer | MSE of hidden cells | downstream accuracy | 90 % coverage | s |")
     print("|---|---|---|---|---|---|---|")

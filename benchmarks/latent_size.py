@@ -13,7 +13,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import warnings
@@ -23,6 +22,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from _cli import benchmark_parser, set_threads  # noqa: E402
 
 
 def measure(table_name: str, k: int, params: dict) -> dict:
@@ -50,16 +51,12 @@ def measure(table_name: str, k: int, params: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "latent_size.json")
     parser.add_argument("--tables", nargs="+", default=["cancer", "digits3"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[2, 5, 10, 20])
     parser.add_argument("--params", default="{}")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(HERE / "results" / "latent_size.json"))
     args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     results = []
     print("| table | latent_dim | active dims | mean MSE skjnf | mean MSE PCA(k) | views where skjnf <= PCA |")
     print("|---|---|---|---|---|---|")

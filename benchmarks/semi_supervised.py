@@ -13,7 +13,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import warnings
@@ -23,6 +22,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from _cli import benchmark_parser, set_threads  # noqa: E402
 
 
 def measure(labelled: float, params: dict) -> dict:
@@ -63,15 +64,11 @@ def measure(labelled: float, params: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "semi_supervised.json")
     parser.add_argument("--labelled", nargs="+", type=float, default=[0.5, 0.8])
     parser.add_argument("--params", default="{}")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(HERE / "results" / "semi_supervised.json"))
     args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     results = []
     print("| composition known for | use every row | drop unlabelled rows | use worse in | RidgeCV (labelled) |")
     print("|---|---|---|---|---|")
