@@ -5,7 +5,7 @@ It only *calls* MultiVae's public API; no MultiVae or pythae code is copied here
 
 Usage (run.py does this)::
 
-    /work/peer-venv/bin/python benchmarks/_peer.py DATA.npz CONFIG.json OUT_PREFIX
+    ../peer-venv/bin/python benchmarks/_peer.py DATA.npz CONFIG.json OUT_PREFIX
 
 Input: ``DATA.npz`` with ``train__<m>``, ``valid__<m>``, ``test__<m>`` float32 arrays in [0, 1]
 (one per modality, in the order given by the config's ``names``), ``CONFIG.json`` (see run.py,

@@ -44,7 +44,9 @@ sys.path.insert(0, str(HERE.parent))
 from _data import Dataset, gaussian_log_likelihood, gaussian_predict, make_datasets  # noqa: E402
 from _timing import fastest_chunking, timed  # noqa: E402
 
-DEFAULT_PEER_PYTHON = os.environ.get("JNF_PEER_PYTHON", "/work/peer-venv/bin/python")
+#: The reference's interpreter (a venv with multivae 1.0.3; see benchmarks/README.md): JNF_PEER_PYTHON,
+#: else ``peer-venv/bin/python`` beside the repository.
+DEFAULT_PEER_PYTHON = os.environ.get("JNF_PEER_PYTHON", str(HERE.parent.parent / "peer-venv" / "bin" / "python"))
 AUTO_SCALE_FRACTION = 0.5  # skjnf's decoder_scale="auto": half the RMS feature std of each modality
 N_CHAINS_REFERENCE = 10  # the reference's best subset protocol: mean latent of 10 chains per row
 
@@ -68,38 +70,6 @@ def mse(pred: dict, truth: dict, targets) -> float:
 def nonfinite_rows(pred: dict, targets) -> int:
     """Rows with a NaN / Inf prediction (the reference's HMC can return NaN latents)."""
     return int((~np.isfinite(np.concatenate([np.asarray(pred[m]) for m in targets], axis=1))).any(axis=1).sum())
-
-
-class StageTimer:
-    """Wall time of each call to skjnf's ``train_stage`` (one per stage), for per-epoch figures.
-
-    Wraps the name fit's module calls (``skjnf._fitting`` since the estimator was split; older
-    versions: ``skjnf._estimator``); skjnf itself is not modified. If neither imports
-    ``train_stage`` under that name the per-stage figures are simply absent.
-    """
-
-    def __init__(self):
-        self.times: list[float] = []
-        module = original = None
-        for name in ("skjnf._fitting", "skjnf._estimator"):  # where fit's stages are called from, newest first
-            try:
-                module = __import__(name, fromlist=["train_stage"])
-            except ImportError:  # pragma: no cover
-                continue
-            original = getattr(module, "train_stage", None)
-            if original is not None:
-                break
-        if original is None:
-            return
-
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.times.append(time.perf_counter() - start)
-
-        module.train_stage = wrapper
 
 
 def reference_scales(ds: Dataset, args) -> dict[str, float]:
@@ -185,7 +155,7 @@ def make_ours(args, names=("a", "b", "c"), **overrides):
     return JNFEstimator(**params)
 
 
-def run_ours(ds: Dataset, args, stage_timer: StageTimer) -> tuple[dict, dict]:
+def run_ours(ds: Dataset, args) -> tuple[dict, dict]:
     import torch
 
     names, test = ds.names, ds.test
@@ -198,10 +168,10 @@ def run_ours(ds: Dataset, args, stage_timer: StageTimer) -> tuple[dict, dict]:
     fits, stage_times, repeat_quality, est = [], [], [], None
     for r in range(args.repeats):
         est = make_ours(args, random_state=args.seed + r, **scale)
-        start_stage = len(stage_timer.times)
         t, _ = timed(lambda est=est: est.fit(ds.train), 1)
         fits.append(t)
-        stage_times.append(stage_timer.times[start_stage:])
+        # each stage's epochs, timed by skorch (history_'s "dur"): the training loop alone
+        stage_times.append([sum(row["dur"] for row in est.history_[stage]["epochs"]) for stage in ("joint", "flows")])
         repeat_quality.append(cheap_quality(est, ds, args))
     out["repeat_quality"] = repeat_quality
     out["fit"] = {k: statistics.median([f[k] for f in fits]) for k in ("wall", "cpu")}
@@ -806,7 +776,6 @@ def main(argv=None) -> int:
         print(json.dumps(scaling_worker(args.scaling_worker, args)))
         return 0
     warnings.filterwarnings("ignore", category=UserWarning)
-    stage_timer = StageTimer()
     have_peer = not args.no_peer and Path(args.peer_python).exists()
     if not args.no_peer and not have_peer:
         print(f"[peer] {args.peer_python} not found: running skjnf only (see benchmarks/README.md)", file=sys.stderr)
@@ -819,7 +788,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="jnf_bench_") as tmp:
         for ds in make_datasets(args.n_train, args.n_test, args.datasets):
             print(f"[{ds.name}] skjnf ...", flush=True)
-            ours, ours_preds = run_ours(ds, args, stage_timer)
+            ours, ours_preds = run_ours(ds, args)
             peer, peer_preds = (None, None)
             if have_peer:
                 print(f"[{ds.name}] reference ...", flush=True)

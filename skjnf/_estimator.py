@@ -34,7 +34,7 @@ from ._inference import (
     target_conditioning,
 )
 from ._likelihoods import LIKELIHOODS
-from ._modules import OBSERVED
+from ._modules import OBSERVED, fitted_choices
 from ._spec import ModelSpec, build_module, model_spec
 from ._validation import Layout, ModalityData, check_int, rebuild_container, validate_X
 from ._warnings import user_stacklevel
@@ -172,7 +172,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         modalities better on the validation rows, the closed-form Gaussian product of the
         subset's linearised experts; ``fit`` also routes each subset, and for up to 8
         modalities each (subset, target) pair, to the posterior of the smaller subset that did
-        best on the validation rows (the choices are in ``history_["flows"]``).
+        best on the validation rows (``subset_routes_``, ``target_routes_``, ``product_subsets_``).
         ``"product"``: the experts' product divided by a Gaussian fit of the joint encoder's
         aggregate posterior, sampled by HMC. ``"product_prior"``: the paper's product of experts
         divided by the prior N(0, I), by HMC. ``"generative"``: HMC on p(z) Π p(x_j | z). See
@@ -216,11 +216,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         epoch (each expert and the subset posterior have their own parameters) and, with a
         validation set, reports each expert's calibration: ``"expert_valid_loss"`` (mean
         held-out -log q_j(z | x_j) at the kept epoch, a dict by modality), ``"expert_best_epoch"``,
-        and with three or more modalities ``"subset_valid_loss"``, ``"subset_best_epoch"`` and
-        ``"subset_routes"`` (``{"a+b+c": "a+c"}``: the subsets that use a smaller one's posterior),
-        ``"target_routes"`` (``{"a+b": {"c": "a"}}``: the targets ``predict`` decodes from a
-        smaller subset's posterior mean), ``"product_subsets"`` (``["a+b"]``: the subsets whose
-        posterior is the Gaussian product of their experts);
+        and with three or more modalities ``"subset_valid_loss"`` and ``"subset_best_epoch"``;
         its epoch rows carry ``"part_losses"`` (one per part, in that order).
     latent_activity_ : ndarray of shape (latent_dim,)
         Variance over the training rows of each dimension of the joint posterior mean (in units
@@ -229,6 +225,11 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         Number of dimensions with ``latent_activity_`` above 0.01 (Burda et al.'s active units).
         Far below ``latent_dim``: the extra dimensions are unused and a smaller ``latent_dim``
         fits as well.
+    subset_routes_, target_routes_, product_subsets_ : dict, dict, list
+        The choices ``fit`` made for the subset posterior on the validation rows (properties
+        read from ``module_``'s buffers): subsets routed to a smaller subset's posterior, targets
+        ``predict`` decodes from a smaller subset, subsets using the Gaussian product; empty
+        with fewer than three modalities.
     n_training_rows_ : dict
         Rows each part learned from (training and validation rows): ``"joint"`` (stage 1: every
         row, each through the modalities it observes), ``"experts"`` (stage 2, per modality: the
@@ -569,7 +570,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         X_pred : same container type as X
             Decoder means at the posterior-mean latent of each row: given the row's conditioning
             set S, or, for a target that a subset of S predicted better on the validation rows
-            in ``fit`` (``history_["flows"]["target_routes"]``), given that subset.
+            in ``fit`` (``target_routes_``), given that subset.
         """
         data, decoded = self._predictions(X, cond_mod, "predict")
         decoded = {m: x.astype(data.dtype, copy=False) for m, x in decoded.items()}
@@ -580,7 +581,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
 
         That is the mean given the row's conditioning set S, or, with the amortised subset
         posterior, given the subset of S that predicted this modality best on the validation rows
-        in ``fit`` (``history_["flows"]["target_routes"]``; ``_inference.choose_target_routes``).
+        in ``fit`` (``target_routes_``; ``_inference.choose_target_routes``).
         """
         check_is_fitted(self)
         _, data, _ = validate_X(X, layout=self._layout, estimator=self)
@@ -757,6 +758,29 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         return np.asarray([f"jnf{i}" for i in range(self.latent_dim)], dtype=object)
+
+    # ------------------------------------------------------- fitted choices
+    @property
+    def subset_routes_(self) -> dict:
+        """``{"a+b+c": "a+c"}``: the subsets whose ``transform`` uses a smaller subset's posterior
+        (or one expert's), chosen in ``fit`` on the validation rows (``subset_posterior="amortized"``)."""
+        return self._fitted_choices()["subset_routes"]
+
+    @property
+    def target_routes_(self) -> dict:
+        """``{"a+b": {"c": "a"}}``: per conditioning set, the targets ``predict`` decodes from a
+        smaller subset's posterior mean, chosen in ``fit`` on the validation rows."""
+        return self._fitted_choices()["target_routes"]
+
+    @property
+    def product_subsets_(self) -> list:
+        """``["a+b"]``: the subsets whose posterior is the Gaussian product of their experts."""
+        return self._fitted_choices()["product_subsets"]
+
+    def _fitted_choices(self) -> dict:
+        if not hasattr(self, "module_"):  # AttributeError: hasattr() is False before fit
+            raise AttributeError("The choices of fit exist once the estimator is fitted.")
+        return fitted_choices(self.module_)
 
     # ---------------------------------------------------------- persistence
     def __getstate__(self):

@@ -27,7 +27,6 @@ from ._modules import (
     stage2_noise_dim,
     stage2_row_counts,
     stage2_terms,
-    subset_label,
 )
 from ._spec import ModelSpec, build_module
 from ._training import NOISE_KEY, STAGES, StageModule, train_stage
@@ -235,13 +234,9 @@ def _train_stage(module, stage, spec, train, valid, epochs, seed, settings: Trai
     )
     if stage == "flows" and valid is not None and module.subset_encoder is not None:
         rows = at_most(valid, MAX_SELECTION_ROWS, torch.Generator(device=device).manual_seed(int(valid_seed) + 2))
-        with frozen_inference(module):
-            history["subset_routes"] = choose_subset_routes(module, rows, rows[NOISE_KEY], rows.get(OBSERVED))
-            history["target_routes"] = choose_target_routes(
-                module, rows, rows.get(OBSERVED), settings.n_posterior_samples, int(valid_seed)
-            )
-            products = module.subset_products.nonzero().flatten().tolist()
-            history["product_subsets"] = [subset_label(module.names, bits) for bits in products]
+        with frozen_inference(module):  # the choices live in the module's buffers (fitted_choices)
+            choose_subset_routes(module, rows, rows[NOISE_KEY], rows.get(OBSERVED))
+            choose_target_routes(module, rows, rows.get(OBSERVED), settings.n_posterior_samples, int(valid_seed))
     part_epochs, part_losses_best = history.pop("part_best_epochs"), history.pop("part_best_losses")
     if stage == "flows" and valid is not None and part_epochs:
         # Each expert's calibration: mean held-out −log q_j(z | x_j) at its kept epoch.

@@ -34,6 +34,7 @@ __all__ = [
     "stage2_expert_rows",
     "random_subset_masks",
     "choose_subset_routes",
+    "fitted_choices",
     "JOINT_MEAN",
     "JOINT_LOG_VAR",
     "OBSERVED",
@@ -621,6 +622,27 @@ def pick_route(bits: int, members: list[int], used, row_loss, rows: Tensor) -> i
 def subset_label(names, bits: int) -> str:
     """``"a+c"`` for the modalities a bitmask marks."""
     return "+".join(name for j, name in enumerate(names) if bits >> j & 1)
+
+
+def fitted_choices(module: JNFModule) -> dict:
+    """The choices ``fit`` made, read from the module's buffers (their one home), as labels:
+    ``{"subset_routes": {"a+b+c": "a+c"}, "target_routes": {"a+b": {"c": "a"}},
+    "product_subsets": ["a+b"]}``, each listing only the subsets that do not use their own
+    posterior (routes) or that use the Gaussian product (products)."""
+    names, n = module.names, len(module.names)
+    subset_routes, target_routes = {}, {}
+    routes = module.subset_routes.tolist()
+    for bits, members in subsets_by_size(n) if routes else ():
+        if len(members) > 1 and routes[bits] != bits:
+            subset_routes[subset_label(names, bits)] = subset_label(names, routes[bits])
+    targets = module.target_routes.tolist()
+    for bits, members in subsets_by_size(n) if targets else ():
+        for t in range(n):
+            if len(members) > 1 and not bits >> t & 1 and targets[bits][t] != bits:
+                used = subset_label(names, targets[bits][t])
+                target_routes.setdefault(subset_label(names, bits), {})[names[t]] = used
+    products = [subset_label(names, bits) for bits in module.subset_products.nonzero().flatten().tolist()]
+    return {"subset_routes": subset_routes, "target_routes": target_routes, "product_subsets": products}
 
 
 @torch.no_grad()

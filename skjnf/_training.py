@@ -295,6 +295,7 @@ def train_stage(
             "epoch": int(row["epoch"]),
             "train_loss": float(row["train_loss"]),
             "valid_loss": None if row.get("valid_loss") is None else float(row["valid_loss"]),
+            "dur": float(row["dur"]),  # seconds, skorch's EpochTimer
             **(
                 {"part_losses": [float(v) for v in row["part_losses"]]}
                 if stage.n_parts > 1 and valid is not None

@@ -1,6 +1,7 @@
 """The posterior given a subset of modalities: aggregate divisor, amortised subset encoder, tails."""
 
 import copy
+import pickle
 import warnings
 
 import numpy as np
@@ -123,7 +124,7 @@ def test_subset_posterior_is_validated():
 
 def test_subsets_are_routed_to_a_subset_only_where_it_fits_held_out_rows_better(fitted, views):
     X, _, _ = views
-    module, routed = fitted.module_, fitted.history_["flows"]["subset_routes"]
+    module, routed = fitted.module_, fitted.subset_routes_
     assert module.subset_routes.shape == (8,)  # 2^3 bitmasks
     assert module.subset_routes[[0, 1, 2, 4, 7]].tolist() == [0, 1, 2, 4, 7]  # sizes 0, 1 and M: themselves
     for subset, used in routed.items():
@@ -260,3 +261,27 @@ def test_routes_are_chosen_on_at_most_max_selection_rows(views, monkeypatch):
     seen.clear()
     small_jnf(**params).fit(X)
     assert len(seen[0]) == 40 and torch.equal(seen[0], seen[1])
+
+
+def test_the_choices_of_fit_are_fitted_attributes_read_from_the_module(fitted, views, monkeypatch):
+    """Catches the choices of fit kept in two places that drift apart: ``subset_routes_``,
+    ``target_routes_`` and ``product_subsets_`` are what the choosers returned, follow the
+    module's buffers (also after pickling), and do not exist before fit."""
+    from skjnf._inference import choose_target_routes
+
+    X, _, _ = views
+    est = copy.deepcopy(fitted)
+    module = est.module_
+    blocks = {m: torch.as_tensor(X[m], dtype=torch.float32) for m in module.names}
+    module.subset_routes.copy_(torch.arange(8))
+    own_posteriors_misplaced(module, flow=True, product=True, monkeypatch=monkeypatch)
+    routed = choose_target_routes(module.eval(), blocks, None, 8, 0)
+    assert est.target_routes_ == routed and len(routed) == 3
+    assert est.subset_routes_ == {} and est.product_subsets_ == []
+    module.subset_routes[module.bitmask(["a", "b"])] = module.bitmask(["a"])
+    module.subset_products[module.bitmask(["b", "c"])] = True
+    assert est.subset_routes_ == {"a+b": "a"} and est.product_subsets_ == ["b+c"]
+    loaded = pickle.loads(pickle.dumps(est))
+    assert loaded.subset_routes_ == {"a+b": "a"} and loaded.target_routes_ == routed
+    assert not hasattr(small_jnf(), "subset_routes_")
+    assert all(row["dur"] > 0 for stage in ("joint", "flows") for row in fitted.history_[stage]["epochs"])
