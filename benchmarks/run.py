@@ -146,6 +146,7 @@ def make_ours(args, names=("a", "b", "c"), **overrides):
         "validation_fraction": args.validation_fraction,
         "random_state": args.seed,
         "early_stopping": False,  # the same work on both sides: every epoch runs
+        "rescale_likelihoods": False,  # the same objective: the reference weights modalities alike
     }
     if args.architecture == "matched":
         params["networks"] = {
