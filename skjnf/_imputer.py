@@ -85,6 +85,8 @@ class JNFImputer(TransformerMixin, BaseEstimator):
     feature_names_in_ : ndarray of shape (``n_features_in_``,)
         Defined only when X has string column names.
 
+    random_state_ : RandomState instance
+        Draws the seeds of ``sample_posterior``'s successive calls.
     column_means_ : ndarray of shape (``n_features_in_``,)
         Each column's mean over its observed training values (what ``partial_nan="impute"``
         reads a missing cell as).
@@ -160,8 +162,8 @@ class JNFImputer(TransformerMixin, BaseEstimator):
         estimator = clone(JNFEstimator() if self.estimator is None else self.estimator)
         seed = int(random_state.randint(np.iinfo(np.int32).max))
         estimator.set_params(modalities=self.modalities, random_state=seed)
-        values = _table_values(X)
-        if values.ndim == 2 and values.size:
+        values, means = _table_values(X), None
+        if values.ndim == 2 and values.size:  # else the estimator's validation says what is wrong
             _, columns = resolve_layout(self.modalities, values.shape[1], _get_feature_names(X))
             with warnings.catch_warnings():  # an all-NaN column: the estimator names its modality
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -176,7 +178,7 @@ class JNFImputer(TransformerMixin, BaseEstimator):
             self.feature_names_in_ = estimator.feature_names_in_
         elif hasattr(self, "feature_names_in_"):
             del self.feature_names_in_
-        self._draws = random_state  # the sequence of sample_posterior's draws
+        self.random_state_ = random_state  # the sequence of sample_posterior's draws
         return self
 
     def transform(self, X):
@@ -192,10 +194,8 @@ class JNFImputer(TransformerMixin, BaseEstimator):
             Observed values as they were; ``add_indicator`` appends one column per modality.
         """
         check_is_fitted(self)
-        estimator, columns = self.estimator_, self.estimator_._layout.columns
-        values = _table_values(X)
-        if values.ndim == 2 and values.shape[1] == self.n_features_in_:
-            X = self._with_partial_cells_filled(X, values, columns, self.column_means_)
+        estimator = self.estimator_
+        X, values = self._partial_cells_read_as_means(X)
         # the estimator's own checks: feature names and count, partial NaN inside a block
         _, data, _ = validate_X(X, layout=estimator._layout, estimator=estimator)
         missing = ~data.observed
@@ -207,7 +207,7 @@ class JNFImputer(TransformerMixin, BaseEstimator):
         if len(rows):
             part = _take_rows(X, rows)
             if self.sample_posterior:
-                seed = int(self._draws.randint(np.iinfo(np.int32).max))
+                seed = int(self.random_state_.randint(np.iinfo(np.int32).max))
                 filled = np.asarray(estimator.sample(1, X=part, random_state=seed, add_noise=True))[0]
             else:
                 filled = _table_values(estimator.predict(part))
@@ -215,6 +215,13 @@ class JNFImputer(TransformerMixin, BaseEstimator):
         if self.add_indicator:
             values = np.hstack([values, missing.astype(np.float64)])
         return as_table(values, table_container(X), self.get_feature_names_out())
+
+    def _partial_cells_read_as_means(self, X):
+        """(X with its partial NaN cells read as the training column means, its values as float64)."""
+        values = _table_values(X)
+        if values.ndim == 2 and values.shape[1] == self.n_features_in_:  # else validation names the fault
+            X = self._with_partial_cells_filled(X, values, self.estimator_._layout.columns, self.column_means_)
+        return X, values
 
     def _with_partial_cells_filled(self, X, values: np.ndarray, columns, means: np.ndarray):
         """X with the NaN cells of partly observed blocks read as ``means`` (``partial_nan="impute"``),
@@ -241,10 +248,7 @@ class JNFImputer(TransformerMixin, BaseEstimator):
         score : float
         """
         check_is_fitted(self)
-        values = _table_values(X)
-        if values.ndim == 2 and values.shape[1] == self.n_features_in_:
-            X = self._with_partial_cells_filled(X, values, self.estimator_._layout.columns, self.column_means_)
-        return self.estimator_.score(X)
+        return self.estimator_.score(self._partial_cells_read_as_means(X)[0])
 
     def get_feature_names_out(self, input_features=None):
         """The input's column names (``x0, x1, ...`` for arrays), then ``missingindicator_<modality>``

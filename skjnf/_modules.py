@@ -62,7 +62,7 @@ class UnimodalEncoder(nn.Module):
 
     The mean is an MLP's output plus a linear path, ``linear_weight @ x + linear_bias``: fixed
     buffers that ``fit`` sets in closed form before stage 2 (a ridge regression of the joint
-    posterior means on x_j, :func:`set_linear_path`), zero until then. The MLP learns what the
+    posterior means on x_j, :func:`~skjnf._fitting.set_linear_paths`), zero until then. The MLP learns what the
     linear map leaves, and weight decay pulls it towards that linear map rather than towards a
     constant. Gradient steps alone did not find a linear relation that spreads over many
     correlated features, which a ridge regression reads at once.
@@ -630,15 +630,15 @@ def fitted_choices(module: JNFModule) -> dict:
     "product_subsets": ["a+b"]}``, each listing only the subsets that do not use their own
     posterior (routes) or that use the Gaussian product (products)."""
     names, n = module.names, len(module.names)
+    routes, targets = module.subset_routes.tolist(), module.target_routes.tolist()  # empty when not chosen
     subset_routes, target_routes = {}, {}
-    routes = module.subset_routes.tolist()
-    for bits, members in subsets_by_size(n) if routes else ():
-        if len(members) > 1 and routes[bits] != bits:
+    for bits, members in subsets_by_size(n):
+        if len(members) < 2:
+            continue
+        if routes and routes[bits] != bits:
             subset_routes[subset_label(names, bits)] = subset_label(names, routes[bits])
-    targets = module.target_routes.tolist()
-    for bits, members in subsets_by_size(n) if targets else ():
         for t in range(n):
-            if len(members) > 1 and not bits >> t & 1 and targets[bits][t] != bits:
+            if targets and not bits >> t & 1 and targets[bits][t] != bits:
                 used = subset_label(names, targets[bits][t])
                 target_routes.setdefault(subset_label(names, bits), {})[names[t]] = used
     products = [subset_label(names, bits) for bits in module.subset_products.nonzero().flatten().tolist()]

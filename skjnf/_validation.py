@@ -19,6 +19,7 @@ __all__ = [
     "resolve_layout",
     "validate_X",
     "rebuild_container",
+    "table_container",
     "as_table",
 ]
 
