@@ -27,6 +27,7 @@ from ._modules import (
     stage2_noise_dim,
     stage2_row_counts,
     stage2_terms,
+    subsets_by_size,
 )
 from ._spec import ModelSpec, build_module
 from ._training import NOISE_KEY, STAGES, StageModule, train_stage
@@ -317,27 +318,49 @@ RIDGE_ALPHAS = np.logspace(-6, 2, 17)
 
 
 def set_linear_paths(module: JNFModule, blocks: dict, generator: torch.Generator) -> None:
-    """Set each default expert encoder's linear path to the ridge regression of the frozen joint
-    posterior means on its (clipped) input, over the rows that expert learns from; the penalty is
-    chosen by generalised cross-validation (``RidgeCV``). Custom encoders are left alone."""
+    """Set the closed-form linear paths: each default expert encoder's, the ridge regression of the
+    frozen joint posterior means on its (clipped) input over the rows that expert learns from;
+    and, where the subset encoder has them, each subset S's, on the inputs of S over the rows
+    observing S. Penalties are chosen by generalised cross-validation (``RidgeCV``); custom
+    encoders are left alone."""
     blocks = at_most(blocks, MAX_LINEAR_PATH_ROWS, generator)
     observed = blocks.get(OBSERVED)
-    rows = None if observed is None else stage2_expert_rows(observed) > 0
+    has = None if observed is None else (observed > 0).cpu().numpy()
     target = blocks[JOINT_MEAN].double().cpu().numpy()
-    for j, (name, encoder) in enumerate(zip(module.names, module.encoders)):
-        if not isinstance(encoder, UnimodalEncoder):
+    inputs = [
+        module.encoder_input(j, blocks[name]).flatten(1).double().cpu().numpy() for j, name in enumerate(module.names)
+    ]
+    expert_rows = None if observed is None else (stage2_expert_rows(observed) > 0).cpu().numpy()
+    for j, encoder in enumerate(module.encoders):
+        if isinstance(encoder, UnimodalEncoder):
+            rows = slice(None) if expert_rows is None else expert_rows[:, j]
+            fitted = _ridge(inputs[j][rows], target[rows])
+            if fitted is not None:
+                encoder.set_linear_path(*(torch.as_tensor(a, dtype=torch.float32) for a in fitted))
+    subset = module.subset_encoder
+    if subset is None or not len(subset.linear_weight):
+        return
+    offsets = np.cumsum([0, *(x.shape[1] for x in inputs)])
+    for bits, members in subsets_by_size(len(module.names)):
+        if len(members) < 2:
             continue
-        x = module.encoder_input(j, blocks[name]).flatten(1).double().cpu().numpy()
-        y = target
-        if rows is not None:
-            keep = rows[:, j].cpu().numpy()
-            x, y = x[keep], y[keep]
-        if len(x) < 3:
-            continue
-        scale = max(float(((x - x.mean(0)) ** 2).sum()) / x.shape[1], 1e-12)
-        ridge = RidgeCV(alphas=scale * RIDGE_ALPHAS).fit(x, y)
-        weight, bias = (torch.as_tensor(a, dtype=encoder.linear_weight.dtype) for a in (ridge.coef_, ridge.intercept_))
-        encoder.set_linear_path(weight.to(encoder.linear_weight.device), bias.to(encoder.linear_bias.device))
+        rows = slice(None) if has is None else has[:, members].all(1)
+        fitted = _ridge(np.hstack([inputs[j][rows] for j in members]), target[rows])
+        if fitted is not None:
+            columns = torch.from_numpy(np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in members]))
+            subset.set_linear_path(bits, columns, *(torch.as_tensor(a, dtype=torch.float32) for a in fitted))
+    with torch.no_grad():  # the MLP's mean starts at zero: the subset posterior's mean at the linear map
+        subset.head.mean.weight.zero_()
+        subset.head.mean.bias.zero_()
+
+
+def _ridge(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(coefficients (D, d), intercept (D,)) of RidgeCV on (x, y), or None with fewer than 3 rows."""
+    if len(x) < 3:
+        return None
+    scale = max(float(((x - x.mean(0)) ** 2).sum()) / x.shape[1], 1e-12)
+    ridge = RidgeCV(alphas=scale * RIDGE_ALPHAS).fit(x, y)
+    return ridge.coef_, ridge.intercept_
 
 
 def _with_joint_posterior(module: JNFModule, blocks: dict) -> dict:

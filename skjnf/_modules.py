@@ -155,12 +155,25 @@ class SubsetEncoder(nn.Module):
     knows more. An embedding of S is added and an MLP with Gaussian heads reads the result. One
     network serves every subset. ``mask`` is (n, M), 1 where a modality is in S; modalities
     outside S may be passed as ``None``.
+
+    With ``linear_paths`` (one slot per subset bitmask), the mean also gets a linear map of the
+    inputs in S per subset, ``linear_weight[S] @ x + linear_bias[S]``: buffers ``fit`` sets in
+    closed form (ridge regressions of the joint posterior means on x_S), as for the experts, so a
+    prediction from several views uses each view's linear information; zero until set.
     """
 
     def __init__(
-        self, trunk_widths: Sequence[int], in_features: Sequence[int], hidden_sizes: Sequence[int], latent_dim: int
+        self,
+        trunk_widths: Sequence[int],
+        in_features: Sequence[int],
+        hidden_sizes: Sequence[int],
+        latent_dim: int,
+        linear_paths: int = 0,
     ):
         super().__init__()
+        self.register_buffer("linear_weight", torch.zeros(linear_paths, latent_dim, sum(in_features)))
+        self.register_buffer("linear_bias", torch.zeros(linear_paths, latent_dim))
+        self.in_features = tuple(in_features)
         width = hidden_sizes[-1] if len(hidden_sizes) else 2 * latent_dim
         self.width = width
         self.readouts = nn.ModuleList(nn.Linear(w, 2 * width) for w in trunk_widths)
@@ -193,7 +206,32 @@ class SubsetEncoder(nn.Module):
                 weight = mask[..., j : j + 1] * F.softplus(raw_weight)
                 weighted, total = weighted + weight * features, total + weight
         h = weighted / (total + 1e-6) + self.subset_embedding(mask)
-        return self.head(self.body(h))
+        mean, log_var = self.head(self.body(h))
+        if len(self.linear_weight):
+            mean = mean + self._linear_path(inputs, mask)
+        return mean, log_var
+
+    def _linear_path(self, inputs: Sequence[Tensor | None], mask: Tensor) -> Tensor:
+        """Each row's (and subset's) ``linear_weight[S] @ x + linear_bias[S]``, one matmul per subset present."""
+        n = mask.shape[0]
+        x = torch.cat([x if x is not None else mask.new_zeros(n, d) for x, d in zip(inputs, self.in_features)], dim=-1)
+        powers = 2 ** torch.arange(mask.shape[-1], device=mask.device, dtype=mask.dtype)
+        bits = (mask * powers).sum(-1).round().long()  # (n,) or (n, k)
+        if bits.dim() == 2:
+            x = x[:, None].expand(-1, bits.shape[1], -1)
+        out = mask.new_zeros(*bits.shape, self.linear_weight.shape[1])
+        for subset in bits.unique().tolist():
+            rows = bits == subset
+            out[rows] = x[rows] @ self.linear_weight[subset].T + self.linear_bias[subset]
+        return out
+
+    def set_linear_path(self, bits: int, columns: Tensor, weight: Tensor, bias: Tensor) -> None:
+        """Subset ``bits``'s linear path: ``weight`` (D, len(columns)) on the input ``columns``."""
+        device = self.linear_weight.device
+        with torch.no_grad():
+            self.linear_weight[bits].zero_()
+            self.linear_weight[bits][:, columns.to(device)] = weight.to(device)
+            self.linear_bias[bits] = bias.to(device)
 
 
 class FeatureRange(nn.Module):
@@ -343,9 +381,11 @@ class JNFModule(nn.Module):
         # Subsets of 2..M-1 modalities exist only from M = 3 on.
         self.subset_encoder = self.subset_flow = None
         if len(names) >= 3:
-            self.subset_encoder = SubsetEncoder(
-                widths, [math.prod(s) for s in self.in_shapes], hidden_sizes, latent_dim
-            )
+            in_features = [math.prod(s) for s in self.in_shapes]
+            n_paths = 2 ** len(names) if len(names) <= MAX_TARGET_ROUTED_MODALITIES else 0
+            if n_paths * latent_dim * sum(in_features) > MAX_SUBSET_PATH_WEIGHTS:
+                n_paths = 0  # memory: the subset posterior then has no linear paths
+            self.subset_encoder = SubsetEncoder(widths, in_features, hidden_sizes, latent_dim, n_paths)
             subset_flow = next((f for f in flows if isinstance(f, str)), "maf")
             self.subset_flow = make_flow(subset_flow, latent_dim, n_flow_blocks, flow_hidden_sizes)
         # Per subset bitmask, the bitmask of the subset whose posterior it uses (itself unless one of
@@ -488,6 +528,10 @@ OBSERVED = "__observed__"
 
 #: Largest number of modalities for which every subset's posterior is checked on held-out rows.
 MAX_ROUTED_MODALITIES = 12
+
+
+#: Most weights (subsets x latent x input features) of the subset posterior's linear paths: 80 MB.
+MAX_SUBSET_PATH_WEIGHTS = 20_000_000
 
 
 #: Largest number of modalities for which each target's conditioning set is chosen on held-out rows

@@ -68,3 +68,37 @@ def test_small_view_from_a_wide_collinear_one_is_near_the_bayes_error(spectra_fi
     predicted = model.predict({"spectrum": X["spectrum"]})["composition"]
     mse = ((predicted - X["composition"]) ** 2).mean()
     assert mse < 1.3 * (bayes + 0.02), mse
+
+
+def test_subset_linear_paths_are_the_ridge_regressions_on_each_subsets_inputs():
+    """Catches a subset's linear path fitted on the wrong inputs (another subset's columns) or
+    read for the wrong subset: each pair's path is RidgeCV of the joint means on that pair's
+    concatenated inputs (zero on the third modality's columns), and the subset encoder's mean
+    starts at it."""
+    from _helpers import make_views
+
+    X, _, _ = make_views(n=200)
+    model = small_jnf(joint_epochs=5, flow_epochs=0, validation_fraction=0.0)
+    with pytest.warns(UserWarning):  # 0 stage-2 epochs: the networks stay at their start
+        model.fit(X)
+    module = model.module_
+    subset = module.subset_encoder
+    z = model.transform(X)
+    inputs = {
+        m: module.encoder_input(j, torch.as_tensor(X[m], dtype=torch.float32)).double().numpy()
+        for j, m in enumerate("abc")
+    }
+    offsets = dict(zip("abc", np.cumsum([0, 6, 4])))
+    for pair in (["a", "b"], ["a", "c"], ["b", "c"]):
+        x = np.hstack([inputs[m] for m in pair])
+        scale = ((x - x.mean(0)) ** 2).sum() / x.shape[1]
+        ridge = RidgeCV(alphas=scale * RIDGE_ALPHAS).fit(x, z)
+        weight = subset.linear_weight[module.bitmask(pair)].numpy()
+        columns = np.concatenate([np.arange(offsets[m], offsets[m] + inputs[m].shape[1]) for m in pair])
+        np.testing.assert_allclose(weight[:, columns], ridge.coef_, atol=1e-3 * np.abs(ridge.coef_).max())
+        assert not np.delete(weight, columns, axis=1).any()
+        np.testing.assert_allclose(subset.linear_bias[module.bitmask(pair)].numpy(), ridge.intercept_, atol=1e-3)
+        with torch.no_grad():  # no stage-2 training: the base mean is the linear map alone
+            mask = torch.tensor([[float(m in pair) for m in "abc"]]).expand(len(x), -1)
+            mean, _ = module.subset_posterior({m: torch.as_tensor(X[m], dtype=torch.float32) for m in pair}, mask)
+        np.testing.assert_allclose(mean.numpy(), ridge.predict(x), atol=1e-3)
