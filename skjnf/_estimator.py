@@ -18,6 +18,7 @@ from ._fitting import (
     ACTIVITY_THRESHOLD,
     TrainingSettings,
     build_checked_module,
+    latent_activity,
     split_rows,
     train_both_stages,
     training_row_counts,
@@ -389,6 +390,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         train = {m: x[train_rows].to(device) for m, x in blocks.items()}
         valid = {m: x[valid_rows].to(device) for m, x in blocks.items()} if len(valid_rows) else None
         history = train_both_stages(module, spec, train, valid, self._training_settings(), (seed1, seed2), device)
+        activity = latent_activity(module, train)
         # from now on an inference object, frozen once: eval mode (user networks may hold dropout or
         # batch norm) and no parameter requiring gradients, so inference only adds torch.no_grad()
         # and never writes on the module (several threads may share it)
@@ -405,8 +407,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             del self.feature_names_in_
         self.n_training_rows_ = training_row_counts(data.observed, layout.names)
         self.history_ = history
-        self.latent_activity_ = np.asarray(history["joint"]["latent_activity"])
-        self.active_dims_ = int((self.latent_activity_ > ACTIVITY_THRESHOLD).sum())
+        self.latent_activity_ = activity
+        self.active_dims_ = int((activity > ACTIVITY_THRESHOLD).sum())
         self.module_ = module
         return self
 
@@ -778,8 +780,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         return self._fitted_choices()["product_subsets"]
 
     def _fitted_choices(self) -> dict:
-        if not hasattr(self, "module_"):  # AttributeError: hasattr() is False before fit
-            raise AttributeError("The choices of fit exist once the estimator is fitted.")
+        check_is_fitted(self)  # NotFittedError is an AttributeError: hasattr() is False before fit
         return fitted_choices(self.module_)
 
     # ---------------------------------------------------------- persistence

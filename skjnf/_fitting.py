@@ -37,6 +37,7 @@ from ._warnings import user_stacklevel
 __all__ = [
     "ACTIVITY_THRESHOLD",
     "TrainingSettings",
+    "latent_activity",
     "training_rows",
     "split_rows",
     "build_checked_module",
@@ -171,7 +172,6 @@ def train_both_stages(
                 scales = calibrate_auto_scales(module, spec, valid if valid is not None else train, seed)
                 if scales:
                     history["joint"]["calibrated_scales"] = scales
-                history["joint"]["latent_activity"] = latent_activity(module, train)
     finally:
         for p in joint_params:
             p.requires_grad_(True)
@@ -183,12 +183,12 @@ def train_both_stages(
 ACTIVITY_THRESHOLD = 0.01
 
 
-def latent_activity(module: JNFModule, blocks: dict) -> list[float]:
+def latent_activity(module: JNFModule, blocks: dict) -> np.ndarray:
     """Per latent dimension, the variance over ``blocks``' rows of the joint posterior mean: near 0
     for a dimension the model does not use (its posterior is the prior whatever the row)."""
     with frozen_inference(module):
         mean, _ = joint_posterior(module, blocks, blocks.get(OBSERVED))
-    return mean.double().var(0, correction=0).cpu().tolist() if len(mean) else [0.0] * module.latent_dim
+    return mean.double().var(0, correction=0).cpu().numpy() if len(mean) else np.zeros(module.latent_dim)
 
 
 def _train_stage(module, stage, spec, train, valid, epochs, seed, settings: TrainingSettings, device) -> dict:

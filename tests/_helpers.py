@@ -37,6 +37,15 @@ def small_jnf(**params):
     return JNFEstimator(**defaults)
 
 
+def validation_rows(model, n):
+    """The rows ``model.fit`` held out for validation (its split, from its ``random_state``)."""
+    from skjnf._estimator import _seeds
+    from skjnf._fitting import split_rows
+
+    split_seed = _seeds(model.random_state, 5)[1]
+    return split_rows(n, model.validation_fraction, split_seed)[1]
+
+
 def normal_module(latent_dim=3, n_modalities=3):
     """A JNFModule of ``n_modalities`` two-feature normal modalities named m0, m1, ... (unit tests)."""
     from skjnf._likelihoods import make_likelihood

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from _helpers import small_jnf
+from _helpers import make_views, small_jnf, validation_rows
 from sklearn.linear_model import RidgeCV
 
 from skjnf._fitting import RIDGE_ALPHAS
@@ -41,20 +41,12 @@ def test_linear_path_is_the_ridge_regression_of_the_joint_means(spectra_fit):
     z = model.transform(X)
     x = module.encoder_input(j, torch.as_tensor(X["spectrum"], dtype=torch.float32)).double().numpy()
     train = np.ones(len(x), dtype=bool)
-    train[_validation_rows(model, len(x))] = False
+    train[validation_rows(model, len(x))] = False
     x, z = x[train], z[train]
     scale = ((x - x.mean(0)) ** 2).sum() / x.shape[1]
     ridge = RidgeCV(alphas=scale * RIDGE_ALPHAS).fit(x, z)
     np.testing.assert_allclose(encoder.linear_weight.numpy(), ridge.coef_, atol=1e-3 * np.abs(ridge.coef_).max())
     np.testing.assert_allclose(encoder.linear_bias.numpy(), ridge.intercept_, atol=1e-3)
-
-
-def _validation_rows(model, n):
-    from skjnf._estimator import _seeds
-    from skjnf._fitting import split_rows
-
-    split_seed = _seeds(model.random_state, 5)[1]
-    return split_rows(n, model.validation_fraction, split_seed)[1]
 
 
 def test_small_view_from_a_wide_collinear_one_is_near_the_bayes_error(spectra_fit):
@@ -75,8 +67,6 @@ def test_subset_linear_paths_are_the_ridge_regressions_on_each_subsets_inputs():
     read for the wrong subset: each pair's path is RidgeCV of the joint means on that pair's
     concatenated inputs (zero on the third modality's columns), and the subset encoder's mean
     starts at it."""
-    from _helpers import make_views
-
     X, _, _ = make_views(n=200)
     model = small_jnf(joint_epochs=5, flow_epochs=0, validation_fraction=0.0)
     with pytest.warns(UserWarning):  # 0 stage-2 epochs: the networks stay at their start
@@ -102,3 +92,14 @@ def test_subset_linear_paths_are_the_ridge_regressions_on_each_subsets_inputs():
             mask = torch.tensor([[float(m in pair) for m in "abc"]]).expand(len(x), -1)
             mean, _ = module.subset_posterior({m: torch.as_tensor(X[m], dtype=torch.float32) for m in pair}, mask)
         np.testing.assert_allclose(mean.numpy(), ridge.predict(x), atol=1e-3)
+
+
+def test_latent_activity_is_the_variance_of_the_joint_means_over_the_training_rows():
+    """Catches activity read from another quantity (the posterior variances, validation rows) or
+    counted against another threshold: with every row used for training, ``latent_activity_`` is
+    the variance of ``transform(X)`` per dimension, and ``active_dims_`` counts those above 0.01."""
+    X, _, _ = make_views(n=120)
+    model = small_jnf(latent_dim=4, joint_epochs=5, flow_epochs=1, validation_fraction=0.0).fit(X)
+    np.testing.assert_allclose(model.latent_activity_, model.transform(X).var(0), rtol=1e-4, atol=1e-7)
+    assert model.active_dims_ == int((model.latent_activity_ > 0.01).sum())
+    assert 0 < model.active_dims_ <= 4

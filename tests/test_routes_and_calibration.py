@@ -8,7 +8,7 @@ import copy
 
 import numpy as np
 import torch
-from _helpers import make_views, normal_module, own_posteriors_misplaced, small_jnf
+from _helpers import make_views, normal_module, own_posteriors_misplaced, small_jnf, validation_rows
 
 import skjnf._fitting as fitting
 import skjnf._inference as inference
@@ -202,15 +202,9 @@ def test_scales_are_calibrated_on_the_validation_rows(views, monkeypatch):
         return calibrate(module, spec, blocks, seed)
 
     monkeypatch.setattr(fitting, "calibrate_auto_scales", spy)
-    small_jnf(joint_epochs=1, flow_epochs=1, validation_fraction=0.25, random_state=3).fit(X)
-    _, valid = fitting.split_rows(len(X["a"]), 0.25, _split_seed(3))
+    model = small_jnf(joint_epochs=1, flow_epochs=1, validation_fraction=0.25, random_state=3).fit(X)
+    valid = validation_rows(model, len(X["a"]))
     np.testing.assert_array_equal(seen[0].numpy(), X["a"][valid].astype(np.float32))
-
-
-def _split_seed(random_state):
-    from skjnf._estimator import _seeds
-
-    return _seeds(random_state, 5)[1]
 
 
 def test_input_ranges_of_incomplete_rows_come_from_the_rows_observing_the_modality():
