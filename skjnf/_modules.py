@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ._distributions import (
     expert_log_prob,
+    gaussian_log_prob,
     reparameterize,
     softclamp,
     std_normal_log_prob,
@@ -18,6 +19,7 @@ from ._distributions import (
 from ._flows import make_flow
 from ._layers import mlp
 from ._likelihoods import Decoded, Likelihood
+from ._stacked import expert_bases, flows_at
 
 __all__ = [
     "GaussianHead",
@@ -569,7 +571,11 @@ def random_subset_masks(noise: Tensor, observed: Tensor | None = None) -> Tensor
 
 
 def stage2_terms(
-    module: JNFModule, blocks: dict[str, Tensor], noise: Tensor, observed: Tensor | None = None
+    module: JNFModule,
+    blocks: dict[str, Tensor],
+    noise: Tensor,
+    observed: Tensor | None = None,
+    batched: bool = True,
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     """Per-row ({j: −log q_j(z | x_j)} for every modality j, −log q_S(z | x_S) or None when M < 3).
 
@@ -579,6 +585,11 @@ def stage2_terms(
     The joint posterior's (mean, log-variance) come from ``blocks[JOINT_MEAN]`` and
     ``blocks[JOINT_LOG_VAR]`` when present (the joint part is frozen in stage 2, so they are
     computed once, not every epoch), else from the joint encoder.
+
+    Every flow reads the same z, so the experts' flows and the subset flow run once per row
+    and, with ``batched``, as one batched pass per group of same-shape flows, with the default
+    encoders' layers after their first batched too (:mod:`~skjnf._stacked`); ``batched=False``
+    evaluates the same terms network by network.
 
     Given ``observed`` (n, M), the joint posterior is q(z | x_O), expert j learns from the rows
     :func:`stage2_expert_rows` gives, the subsets are drawn among the observed modalities and the
@@ -592,11 +603,18 @@ def stage2_terms(
             mean, log_var = module.joint_posterior(blocks, observed)
     D = module.latent_dim
     z = reparameterize(mean, log_var, noise[:, :D])
+    inputs = [module.encoder_input(j, blocks[name]) for j, name in enumerate(module.names)]
+    flows = [*module.flows, *([] if module.subset_flow is None else [module.subset_flow])]
+    if batched:
+        default = [isinstance(encoder, UnimodalEncoder) for encoder in module.encoders]
+        bases, mapped = expert_bases(module.encoders, inputs, default), flows_at(flows, z)
+    else:
+        bases, mapped = [e(x) for e, x in zip(module.encoders, inputs)], [flow(z) for flow in flows]
     expert_rows = None if observed is None else stage2_expert_rows(observed)
     experts = {}
     for j, name in enumerate(module.names):
-        mean, log_var = module.expert_posterior(name, blocks[name])
-        experts[name] = -module.expert_log_prob(name, z, mean, log_var)
+        (u, log_det), (mean, log_var) = mapped[j], bases[j]
+        experts[name] = -(gaussian_log_prob(u, mean, log_var) + log_det)
         if observed is not None:
             experts[name] = expert_rows[:, j] * experts[name]
     if module.subset_encoder is None:
@@ -606,7 +624,8 @@ def stage2_terms(
     row_observed = None if observed is None else observed.repeat_interleave(k, dim=0)
     masks = random_subset_masks(subset_noise, row_observed).reshape(n, k, -1)
     mean, log_var = module.subset_posterior(blocks, masks)  # (n, k, D): one base per subset
-    subset = -expert_log_prob(z[:, None, :].expand(n, k, D), mean, log_var, module.subset_flow).mean(1)
+    u, log_det = mapped[-1]
+    subset = -(gaussian_log_prob(u[:, None], mean, log_var) + log_det[:, None]).mean(1)
     if observed is not None:
         subset = (observed.sum(1) >= 2).to(subset.dtype) * subset
     return experts, subset
@@ -626,14 +645,14 @@ def stage2_expert_rows(observed: Tensor) -> Tensor:
     return observed * (observed.sum(1, keepdim=True) >= 2).to(observed.dtype)
 
 
-def stage2_row_counts(observed: Tensor | None, n: int, n_parts: int) -> list[float]:
-    """Rows each stage-2 part's loss counts in a batch of n: each expert's rows
-    (:func:`stage2_expert_rows`), then the rows observing two or more modalities (the subset
-    posterior's)."""
+def stage2_row_counts(observed: Tensor | None, n: int, n_parts: int) -> Tensor:
+    """Rows each stage-2 part's loss counts in a batch of n, (n_parts,) on the batch's device: each
+    expert's rows (:func:`stage2_expert_rows`), then the rows observing two or more modalities
+    (the subset posterior's)."""
     if observed is None:
-        return [float(n)] * n_parts
-    counts = [float(c) for c in stage2_expert_rows(observed).sum(0)]
-    return (counts + [float((observed.sum(1) >= 2).sum())])[:n_parts]
+        return torch.full((n_parts,), float(n))
+    counts = torch.cat([stage2_expert_rows(observed).sum(0), (observed.sum(1) >= 2).sum(0, keepdim=True)])
+    return counts[:n_parts].to(observed.dtype)
 
 
 def stage2_loss(module: JNFModule, blocks: dict[str, Tensor], noise: Tensor) -> Tensor:

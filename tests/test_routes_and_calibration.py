@@ -150,8 +150,8 @@ def test_stage2_losses_are_averaged_over_the_rows_each_part_learns_from():
     """Catches expert losses averaged over every row observing j, single-view rows too: an expert
     counts the rows observing it and another modality; the subset part, rows observing two."""
     observed = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 1]], dtype=torch.float32)
-    assert stage2_row_counts(observed, 5, 4) == [2.0, 3.0, 2.0, 3.0]
-    assert stage2_row_counts(None, 5, 4) == [5.0] * 4
+    assert stage2_row_counts(observed, 5, 4).tolist() == [2.0, 3.0, 2.0, 3.0]
+    assert stage2_row_counts(None, 5, 4).tolist() == [5.0] * 4
 
 
 def test_flow_proposal_density_is_the_experts_density_at_its_draws():

@@ -7,7 +7,6 @@ import pytest
 import torch
 from _helpers import small_jnf
 from sklearn.exceptions import NotFittedError
-from skorch.callbacks import regularization
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import skjnf._fitting as fitting
@@ -240,24 +239,26 @@ def test_keyboard_interrupt_leaves_previous_fit_intact(views, monkeypatch):
     np.testing.assert_array_equal(fitted.transform(X), before)
 
 
+def _global_norm(grads):
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])))
+
+
 def test_gradients_are_clipped_before_the_step(views, monkeypatch):
     X, _, _ = views
     X = {m: 1000 * b for m, b in X.items()}  # raw gradients far above the clipping norm
     pre_clip, at_step = [], []
-    original = regularization.clip_grad_norm_
+    original = training.ClipGradNorm.on_grad_computed
 
-    def record(params, max_norm, **kwargs):
-        params = list(params)
-        pre_clip.append(float(original(params, max_norm, **kwargs)))
-        return pre_clip[-1]
+    def record(self, net, named_parameters, **kwargs):
+        named_parameters = list(named_parameters)
+        pre_clip.append(_global_norm([p.grad for _, p in named_parameters if p.grad is not None]))
+        return original(self, net, named_parameters, **kwargs)
 
     def step_hook(optimizer, args, kwargs):  # after step(closure): the gradients the step used
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        at_step.append(
-            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])))
-        )
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        at_step.append(_global_norm([p.grad for p in params if p.grad is not None]))
 
-    monkeypatch.setattr(regularization, "clip_grad_norm_", record)
+    monkeypatch.setattr(training.ClipGradNorm, "on_grad_computed", record)
     handle = register_optimizer_step_post_hook(step_hook)
     try:
         small_jnf(joint_epochs=2, flow_epochs=1, decoder_scale=1.0).fit(X)
@@ -266,6 +267,22 @@ def test_gradients_are_clipped_before_the_step(views, monkeypatch):
     assert max(pre_clip) > training.MAX_GRAD_NORM
     assert max(at_step) <= training.MAX_GRAD_NORM * (1 + 1e-6)  # float32 rounding of the clip factor
     assert len(at_step) == len(pre_clip)
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_gradient_clipping_is_torchs_below_and_above_the_limit(scale):
+    """Catches a clip factor off by the norm, clipping below the limit, or a tensor left unscaled."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(30, 20), (20,), (7, 3)]]
+    grads = [scale * torch.randn(p.shape, generator=generator) for p in params]
+    copies = [torch.nn.Parameter(torch.zeros(p.shape)) for p in params]
+    for p, q, g in zip(params, copies, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    training.ClipGradNorm(10.0).on_grad_computed(None, [(str(i), p) for i, p in enumerate(params)])
+    torch.nn.utils.clip_grad_norm_(copies, 10.0)
+    for p, q in zip(params, copies):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+    assert (_global_norm([p.grad for p in params]) < 10.0 * (1 + 1e-6)) and (scale < 1 or _global_norm(grads) > 10)
 
 
 def test_zero_epochs_warn(views):
