@@ -214,18 +214,22 @@ class SubsetEncoder(nn.Module):
         return mean, log_var
 
     def _linear_path(self, inputs: Sequence[Tensor | None], mask: Tensor) -> Tensor:
-        """Each row's (and subset's) ``linear_weight[S] @ x + linear_bias[S]``, one matmul per subset present."""
-        n = mask.shape[0]
-        x = torch.cat([x if x is not None else mask.new_zeros(n, d) for x, d in zip(inputs, self.in_features)], dim=-1)
+        """Each row's (and subset's) ``linear_weight[S] @ x + linear_bias[S]``: its subset's weights
+        gathered per row, in chunks of at most ``LINEAR_PATH_GATHER`` weights (no host sync)."""
+        n, (D, d) = mask.shape[0], self.linear_weight.shape[1:]
+        x = torch.cat([x if x is not None else mask.new_zeros(n, w) for x, w in zip(inputs, self.in_features)], dim=-1)
         powers = 2 ** torch.arange(mask.shape[-1], device=mask.device, dtype=mask.dtype)
         bits = (mask * powers).sum(-1).round().long()  # (n,) or (n, k)
         if bits.dim() == 2:
             x = x[:, None].expand(-1, bits.shape[1], -1)
-        out = mask.new_zeros(*bits.shape, self.linear_weight.shape[1])
-        for subset in bits.unique().tolist():
-            rows = bits == subset
-            out[rows] = x[rows] @ self.linear_weight[subset].T + self.linear_bias[subset]
-        return out
+        flat_bits, flat_x = bits.reshape(-1), x.reshape(-1, d, 1)
+        step = max(1, LINEAR_PATH_GATHER // (D * d))
+        out = [mask.new_zeros(0, D, 1)]
+        for start in range(0, len(flat_bits), step):
+            rows = flat_bits[start : start + step]
+            weight, bias = self.linear_weight[rows], self.linear_bias[rows].unsqueeze(-1)
+            out.append(torch.baddbmm(bias, weight, flat_x[start : start + step]))
+        return torch.cat(out).reshape(*bits.shape, D)
 
     def set_linear_path(self, bits: int, columns: Tensor, weight: Tensor, bias: Tensor) -> None:
         """Subset ``bits``'s linear path: ``weight`` (D, len(columns)) on the input ``columns``."""
@@ -534,6 +538,8 @@ MAX_ROUTED_MODALITIES = 12
 
 #: Most weights (subsets x latent x input features) of the subset posterior's linear paths: 80 MB.
 MAX_SUBSET_PATH_WEIGHTS = 20_000_000
+#: Most linear-path weights gathered at once (rows x latent x input features): 16 MB in float32.
+LINEAR_PATH_GATHER = 4_000_000
 
 
 #: Largest number of modalities for which each target's conditioning set is chosen on held-out rows
