@@ -260,6 +260,11 @@ def main(data_path: str, config_path: str, out_prefix: str) -> None:
         )
     out["decoder_floor_s"] = floor["wall"]
     out["n_parameters"] = int(sum(p.numel() for p in model.parameters()))
+    # what each stage trains: the joint encoder and decoders, then the unimodal encoders and flows
+    out["stage_parameters"] = [
+        sum(p.numel() for part in (model.joint_encoder, model.decoders) for p in part.parameters()),
+        sum(p.numel() for part in (model.encoders, model.flows) for p in part.parameters()),
+    ]
 
     np.savez(out_prefix + ".npz", **preds)
     with open(out_prefix + ".json", "w") as fh:

@@ -231,6 +231,12 @@ def run_ours(ds: Dataset, args) -> tuple[dict, dict]:
     out["joint_ll_mean"] = float(np.mean(ll))
     out["joint_ll_floor"] = decoder_floor(est, test, args)
     out["n_parameters"] = int(sum(p.numel() for p in est.module_.parameters()))
+    out["stage_parameters"] = [
+        sum(p.numel() for part in parts for p in part.parameters())
+        for parts in (est.module_.joint_parts(), est.module_.expert_parts())
+    ]
+    n_rows = len(next(iter(ds.train.values())))
+    out["train_rows"] = n_rows - math.ceil(args.validation_fraction * n_rows)  # the rows each epoch trains on
     torch.set_num_threads(args.threads)
     return out, preds
 
@@ -525,7 +531,29 @@ def timing_table(name: str, o: dict, p: dict | None, args) -> list[str]:
     )
     if p.get("n_parameters"):
         lines.append(f"| parameters (count) | {o['n_parameters']:,} | {p['n_parameters']:,} | | |")
+    if o.get("stage_parameters") and o.get("gflops"):
+        epochs = (o["epochs_run"], [REFERENCE_DEFAULTS[k] for k in ("joint_epochs", "flow_epochs")])
+        if not args.at_defaults:
+            epochs = ([args.joint_epochs, args.flow_epochs],) * 2
+        floors = [
+            compute_floor_s(side.get("stage_parameters"), o["train_rows"], ep, o["gflops"])
+            for side, ep in zip((o, p), epochs)
+        ]
+        fits = (o["fit"]["wall"], p.get("fit_s"))
+        lines.append(
+            "| fit / compute floor: 6 × parameters each stage trains × rows × epochs ÷ matmul rate | "
+            + " | ".join(fmt(f / floor) if f and floor else "-" for f, floor in zip(fits, floors))
+            + f" | floors {fmt(floors[0])} s and {fmt(floors[1])} s | |"
+        )
     return lines
+
+
+def compute_floor_s(stage_parameters, rows: int, epochs, gflops: float) -> float | None:
+    """Seconds a fit would take at the measured matmul rate doing only 6 FLOP per trained parameter
+    per row (2 forward, 4 backward) in every epoch of each stage; None when a count is missing."""
+    if not stage_parameters:
+        return None
+    return sum(6 * n * rows * e for n, e in zip(stage_parameters, epochs)) / (gflops * 1e9)
 
 
 def joint_ll(side: dict | None) -> float | None:
@@ -794,6 +822,7 @@ def main(argv=None) -> int:
             if have_peer:
                 print(f"[{ds.name}] reference ...", flush=True)
                 peer, peer_preds = run_peer(ds, args, Path(tmp))
+            ours["gflops"] = calibration["start"][f"gflops_{args.threads}_threads"]
             res = {
                 "dataset": ds.name,
                 "description": ds.description,

@@ -19,6 +19,8 @@ from ._modules import (
     JOINT_LOG_VAR,
     JOINT_MEAN,
     OBSERVED,
+    TRUNK_CACHE_BYTES,
+    TRUNK_FEATURES,
     JNFModule,
     UnimodalEncoder,
     choose_subset_routes,
@@ -364,7 +366,16 @@ def _ridge(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None
 
 
 def _with_joint_posterior(module: JNFModule, blocks: dict) -> dict:
-    """``blocks`` plus the frozen joint posterior of their rows (given what each observes), for stage 2."""
+    """``blocks`` plus what the frozen joint part gives their rows in every stage-2 step, computed
+    once: the joint posterior (given what each row observes) and, for the subset posterior, the
+    trunk features (where they take at most ``TRUNK_CACHE_BYTES``)."""
     with frozen_inference(module):
         mean, log_var = joint_posterior(module, blocks, blocks.get(OBSERVED))
-    return {**blocks, JOINT_MEAN: mean, JOINT_LOG_VAR: log_var}
+        out = {**blocks, JOINT_MEAN: mean, JOINT_LOG_VAR: log_var}
+        if module.subset_encoder is not None:
+            width = sum(readout.in_features for readout in module.subset_encoder.readouts)
+            if len(mean) * width * mean.element_size() <= TRUNK_CACHE_BYTES:
+                trunks = module.joint_encoder.trunks
+                inputs = [module.encoder_input(j, blocks[name]) for j, name in enumerate(module.names)]
+                out[TRUNK_FEATURES] = torch.cat([trunk(x) for trunk, x in zip(trunks, inputs)], dim=-1)
+    return out

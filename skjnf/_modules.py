@@ -40,6 +40,8 @@ __all__ = [
     "JOINT_MEAN",
     "JOINT_LOG_VAR",
     "OBSERVED",
+    "TRUNK_FEATURES",
+    "TRUNK_CACHE_BYTES",
 ]
 
 
@@ -462,10 +464,15 @@ class JNFModule(nn.Module):
     def subset_posterior(self, blocks: dict[str, Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
         """(mean, log-variance) of the subset posterior's base Gaussian; ``mask`` (n, M) or (n, k, M) marks S.
 
-        Each modality is read through the joint encoder's trunk (clipped to fit's range first).
+        Each modality is read through the joint encoder's trunk (clipped to fit's range first), or
+        from ``blocks[TRUNK_FEATURES]`` where stage 2 computed the frozen trunks' features once.
         """
         inputs = [self.encoder_input(j, blocks[name]) if name in blocks else None for j, name in enumerate(self.names)]
-        features = [None if x is None else trunk(x) for trunk, x in zip(self.joint_encoder.trunks, inputs)]
+        if TRUNK_FEATURES in blocks:
+            cached = blocks[TRUNK_FEATURES].split([r.in_features for r in self.subset_encoder.readouts], dim=-1)
+            features = [None if x is None else h for h, x in zip(cached, inputs)]
+        else:
+            features = [None if x is None else trunk(x) for trunk, x in zip(self.joint_encoder.trunks, inputs)]
         flat = [None if x is None else x.reshape(len(x), -1) for x in inputs]
         return self.subset_encoder(features, flat, mask)
 
@@ -530,6 +537,12 @@ def stage1_loss(
 JOINT_MEAN, JOINT_LOG_VAR = "__joint_mean__", "__joint_log_var__"
 #: Batch key of the (n, M) float mask of observed modalities, present only when ``fit`` saw incomplete rows.
 OBSERVED = "__observed__"
+#: Batch key of the frozen joint encoder's trunk features of every modality, concatenated (n, sum of
+#: the widths): the subset posterior reads them in stage 2, where they are computed once per fit
+#: (a tenth of stage 2's work at the reference's layers) unless they would take more than
+#: ``TRUNK_CACHE_BYTES``.
+TRUNK_FEATURES = "__trunk_features__"
+TRUNK_CACHE_BYTES = 2**30
 
 
 #: Largest number of modalities for which every subset's posterior is checked on held-out rows.

@@ -17,6 +17,7 @@ from skjnf._modules import (
     JOINT_LOG_VAR,
     JOINT_MEAN,
     SUBSET_DRAWS,
+    TRUNK_FEATURES,
     JNFModule,
     random_subset_masks,
     stage1_loss,
@@ -82,6 +83,10 @@ def test_stage_losses_match_the_formulas_by_hand():
     # fit hands stage 2 the frozen joint posterior once, instead of re-encoding every batch
     cached = {**blocks, JOINT_MEAN: mean.detach(), JOINT_LOG_VAR: log_var.detach()}
     torch.testing.assert_close(stage2_loss(module, cached, noise2), expected2, atol=1e-6, rtol=0)
+    # ... and the frozen trunks' features, which the subset posterior reads
+    frozen = fitting._with_joint_posterior(module, blocks)
+    assert frozen[TRUNK_FEATURES].shape == (7, 3 * 5)
+    torch.testing.assert_close(stage2_loss(module, frozen, noise2), expected2, atol=1e-6, rtol=0)
 
 
 def test_random_subsets_cover_every_size_and_every_modality():
