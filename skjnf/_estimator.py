@@ -218,7 +218,9 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         validation set, reports each expert's calibration: ``"expert_valid_loss"`` (mean
         held-out -log q_j(z | x_j) at the kept epoch, a dict by modality), ``"expert_best_epoch"``,
         and with three or more modalities ``"subset_valid_loss"`` and ``"subset_best_epoch"``;
-        its epoch rows carry ``"part_losses"`` (one per part, in that order).
+        its epoch rows carry ``"part_losses"`` (one per part, in that order). Each part stops on
+        its own after ``early_stopping``'s patience (its entry is then None): the stage's
+        ``train_loss`` and ``valid_loss`` sum the parts still training.
     latent_activity_ : ndarray of shape (latent_dim,)
         Variance over the training rows of each dimension of the joint posterior mean (in units
         of the prior's variance): near 0 for a dimension the model does not use.

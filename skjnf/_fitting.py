@@ -199,15 +199,15 @@ def _train_stage(module, stage, spec, train, valid, epochs, seed, settings: Trai
     if stage == "joint":
         rescale, beta = spec.rescale, float(settings.beta)
 
-        def part_losses(m, b, e):
+        def part_losses(m, b, e, active):
             return [stage1_loss(m, b, e, rescale, beta, b.get(OBSERVED))]
 
         parts, noise_dim, part_rows = [module.joint_parts()], module.latent_dim, None
     else:
 
-        def part_losses(m, b, e):
-            experts, subset = stage2_terms(m, b, e, b.get(OBSERVED))
-            return list(experts.values()) + ([] if subset is None else [subset])
+        def part_losses(m, b, e, active):
+            experts, subset = stage2_terms(m, b, e, b.get(OBSERVED), active=active)
+            return list(experts.values()) + ([subset] if m.subset_encoder is not None else [])
 
         def part_rows(b):
             return stage2_row_counts(b.get(OBSERVED), len(b[JOINT_MEAN]), len(parts))

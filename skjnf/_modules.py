@@ -595,7 +595,8 @@ def stage2_terms(
     noise: Tensor,
     observed: Tensor | None = None,
     batched: bool = True,
-) -> tuple[dict[str, Tensor], Tensor | None]:
+    active: Sequence[bool] | None = None,
+) -> tuple[dict[str, Tensor | None], Tensor | None]:
     """Per-row ({j: −log q_j(z | x_j)} for every modality j, −log q_S(z | x_S) or None when M < 3).
 
     z is one draw of the frozen joint posterior, from ``noise[:, :D]``; with M >= 3 the rest of
@@ -608,7 +609,8 @@ def stage2_terms(
     Every flow reads the same z, so the experts' flows and the subset flow run once per row
     and, with ``batched``, as one batched pass per group of same-shape flows, with the default
     encoders' layers after their first batched too (:mod:`~skjnf._stacked`); ``batched=False``
-    evaluates the same terms network by network.
+    evaluates the same terms network by network. ``active`` (one flag per expert, then the subset
+    posterior) leaves out the parts whose training has stopped: their term is None.
 
     Given ``observed`` (n, M), the joint posterior is q(z | x_O), expert j learns from the rows
     :func:`stage2_expert_rows` gives, the subsets are drawn among the observed modalities and the
@@ -622,21 +624,29 @@ def stage2_terms(
             mean, log_var = module.joint_posterior(blocks, observed)
     D = module.latent_dim
     z = reparameterize(mean, log_var, noise[:, :D])
-    inputs = [module.encoder_input(j, blocks[name]) for j, name in enumerate(module.names)]
-    flows = [*module.flows, *([] if module.subset_flow is None else [module.subset_flow])]
+    n_parts = len(module.names) + (module.subset_encoder is not None)
+    active = [True] * n_parts if active is None else list(active)
+    experts_on = [j for j in range(len(module.names)) if active[j]]
+    inputs = [module.encoder_input(j, blocks[module.names[j]]) for j in experts_on]
+    encoders = [module.encoders[j] for j in experts_on]
+    flows = [module.flows[j] for j in experts_on]
+    subset_on = module.subset_encoder is not None and active[-1]
+    if subset_on:
+        flows.append(module.subset_flow)
     if batched:
-        default = [isinstance(encoder, UnimodalEncoder) for encoder in module.encoders]
-        bases, mapped = expert_bases(module.encoders, inputs, default), flows_at(flows, z)
+        default = [isinstance(encoder, UnimodalEncoder) for encoder in encoders]
+        bases, mapped = expert_bases(encoders, inputs, default), flows_at(flows, z)
     else:
-        bases, mapped = [e(x) for e, x in zip(module.encoders, inputs)], [flow(z) for flow in flows]
+        bases, mapped = [e(x) for e, x in zip(encoders, inputs)], [flow(z) for flow in flows]
     expert_rows = None if observed is None else stage2_expert_rows(observed)
-    experts = {}
-    for j, name in enumerate(module.names):
-        (u, log_det), (mean, log_var) = mapped[j], bases[j]
+    experts = dict.fromkeys(module.names)
+    for i, j in enumerate(experts_on):
+        (u, log_det), (mean, log_var) = mapped[i], bases[i]
+        name = module.names[j]
         experts[name] = -(gaussian_log_prob(u, mean, log_var) + log_det)
         if observed is not None:
             experts[name] = expert_rows[:, j] * experts[name]
-    if module.subset_encoder is None:
+    if not subset_on:
         return experts, None
     n, k = len(z), SUBSET_DRAWS
     subset_noise = noise[:, D:].reshape(n * k, -1)

@@ -221,8 +221,8 @@ def test_divergence_raises_and_leaves_no_half_fitted_state(views):
 def test_nan_in_stage2_names_the_stage(views, monkeypatch):
     X, _, _ = views
 
-    def poisoned(module, blocks, noise, observed=None):
-        experts, subset = stage2_terms(module, blocks, noise, observed)
+    def poisoned(module, blocks, noise, observed=None, **kwargs):
+        experts, subset = stage2_terms(module, blocks, noise, observed, **kwargs)
         return {name: term * float("nan") for name, term in experts.items()}, subset
 
     monkeypatch.setattr(fitting, "stage2_terms", poisoned)
@@ -235,7 +235,7 @@ def test_keyboard_interrupt_leaves_previous_fit_intact(views, monkeypatch):
     fitted = small_jnf(joint_epochs=2, flow_epochs=2).fit(X)
     before = fitted.transform(X)
 
-    def interrupted(module, blocks, noise, observed=None):
+    def interrupted(module, blocks, noise, observed=None, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fitting, "stage2_terms", interrupted)
@@ -352,3 +352,35 @@ def test_verbose_reports_why_a_stage_stopped_and_which_epoch_it_kept(views, caps
     assert f"{stopped} for 15 epochs (105 steps)" in out
     assert f"stage 2 (flows): kept the weights of epoch {best} of {n_epochs}" in out
     assert "stage 1 (joint VAE): kept the weights of epoch" in out
+
+
+def test_each_stage2_part_stops_on_its_own(views, monkeypatch):
+    """Catches a stopped part still trained (or still evaluated), a part stopped before its own
+    patience ran out, or the stage ending while a part still improves: part i is evaluated up to
+    its best epoch + patience, not after, and is left out of every later training step."""
+    X, _, _ = views
+    monkeypatch.setattr(training, "PATIENCE", 3)
+    monkeypatch.setattr(training, "PATIENCE_STEPS", 1)
+    calls = []
+    original = fitting.stage2_terms
+
+    def spy(module, blocks, noise, observed=None, **kwargs):
+        calls.append(list(kwargs["active"]))
+        return original(module, blocks, noise, observed, **kwargs)
+
+    monkeypatch.setattr(fitting, "stage2_terms", spy)
+    jnf = small_jnf(joint_epochs=5, flow_epochs=40, lr=3e-2).fit(X)
+    history = jnf.history_["flows"]
+    rows, best = history["epochs"], [*history["expert_best_epoch"].values(), history["subset_best_epoch"]]
+    for i, kept in enumerate(best):
+        evaluated = [row["epoch"] for row in rows if row["part_losses"][i] is not None]
+        assert evaluated == list(range(1, min(kept + 3, len(rows)) + 1))
+    stops = [kept + 3 for kept in best]
+    assert min(stops) < len(rows) == max(stops)  # a part stopped before the stage, which ended with the last one
+    # the same number of stage-2 passes every epoch (training batches, then validation batches)
+    per_epoch = len(calls) // len(rows)
+    assert per_epoch * len(rows) == len(calls)
+    for i, stop in enumerate(stops):
+        computed = [calls[e * per_epoch][i] for e in range(len(rows))]
+        assert computed == [epoch <= stop for epoch in range(1, len(rows) + 1)]
+        assert all(calls[e * per_epoch + b][i] == computed[e] for e in range(len(rows)) for b in range(per_epoch))
