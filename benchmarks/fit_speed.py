@@ -1,0 +1,138 @@
+"""Default fits of this working tree against another commit of skjnf, in one run.
+
+Each (table, seed) is fitted by both versions at their defaults, one process at a time and
+alternating, so that both see the same machine: the baseline is checked out in a temporary git
+worktree and imported from there. Reported per table: the median fit time of each version and
+their ratio, each stage's epochs and seconds per epoch, and the held-out log-likelihood and
+one-view cross-modal MSE of each (quality must not move beyond seed noise).
+
+Usage::
+
+    python benchmarks/fit_speed.py --threads 1 --baseline 7f5cfaa --tables digits6 cancer --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _cli import benchmark_parser, set_threads  # noqa: E402
+
+
+def worker(table_name: str, seed: int) -> dict:
+    import numpy as np
+    from _tables import load_table
+
+    from skjnf import JNFEstimator
+
+    table = load_table(table_name, seed=0)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = JNFEstimator(random_state=seed).fit(table.train)
+        fit_s = time.perf_counter() - start
+        errors = [
+            float(((model.predict({m: table.test[m]})[t] - table.test[t]) ** 2).mean())
+            for m in table.names
+            for t in table.names
+            if t != m
+        ]
+        log_likelihood = float(model.score(table.test))
+    stages = {stage: [row["dur"] for row in model.history_[stage]["epochs"]] for stage in ("joint", "flows")}
+    import skjnf
+
+    return {
+        "skjnf": skjnf.__file__,
+        "fit_s": fit_s,
+        "epochs": [len(stages["joint"]), len(stages["flows"])],
+        "epoch_s": [sum(d) / max(len(d), 1) for d in stages.values()],
+        "log_likelihood": log_likelihood,
+        "mse_one_view": float(np.mean(errors)),
+    }
+
+
+def run(source: Path, table: str, seed: int, threads: int) -> dict:
+    command = [sys.executable, __file__, "--worker", table, str(seed), "--threads", str(threads)]
+    env = {**os.environ, "PYTHONPATH": str(source)}  # this version's skjnf first on the path
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=source)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{source} failed on {table}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(results: dict, baseline: str) -> str:
+    lines = [
+        f"| table | fit (s), {baseline} | fit (s), now | speed-up | epochs then / now | s per epoch (stage 1, 2) "
+        "then / now | held-out LL then / now | MSE one view then / now |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for table, sides in results.items():
+        then, now = sides["baseline"], sides["current"]
+        fit = [statistics.median(r["fit_s"] for r in side) for side in (then, now)]
+
+        def mean(side, key):
+            return statistics.mean(r[key] for r in side)
+
+        def epochs(side):
+            return "+".join(str(round(statistics.mean(r["epochs"][i] for r in side))) for i in (0, 1))
+
+        def per_epoch(side):
+            return ", ".join(f"{statistics.mean(r['epoch_s'][i] for r in side):.3f}" for i in (0, 1))
+
+        lines.append(
+            f"| {table} ({len(now)} seeds) | {fit[0]:.1f} | {fit[1]:.1f} | {fit[0] / fit[1]:.2f}× | "
+            f"{epochs(then)} / {epochs(now)} | {per_epoch(then)} / {per_epoch(now)} | "
+            f"{mean(then, 'log_likelihood'):.2f} / {mean(now, 'log_likelihood'):.2f} | "
+            f"{mean(then, 'mse_one_view'):.3f} / {mean(now, 'mse_one_view'):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__, "fit_speed.json")
+    parser.add_argument("--baseline", required=True, help="a git commit of skjnf")
+    parser.add_argument("--tables", nargs="+", default=["digits6", "cancer"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # table, seed: one fit here
+    args = parser.parse_args()
+    set_threads(args.threads)
+    if args.worker is not None:
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]))))
+        return
+    root = HERE.parent
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="skjnf_baseline_") as tmp:
+        baseline = Path(tmp) / "tree"
+        git = ["git", "-C", str(root), "worktree"]
+        subprocess.run([*git, "add", "--detach", str(baseline), args.baseline], check=True)
+        try:
+            for table in args.tables:
+                results[table] = {"baseline": [], "current": []}
+                for seed in args.seeds:
+                    for side, source in (("baseline", baseline), ("current", root)):
+                        results[table][side].append(run(source, table, seed, args.threads))
+                print(report({table: results[table]}, args.baseline).splitlines()[-1], flush=True)
+        finally:
+            subprocess.run([*git, "remove", "--force", str(baseline)], check=True)
+    Path(args.out).write_text(json.dumps({"baseline": args.baseline, "results": results}, indent=1))
+    text = report(results, args.baseline)
+    Path(args.out).with_suffix(".md").write_text(
+        f"# Default fits, this tree against {args.baseline} (`benchmarks/fit_speed.py --threads {args.threads}`)"
+        f"\n\n{text}\n"
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
