@@ -101,7 +101,7 @@ def report(results: dict, baseline: str) -> str:
 
 def main() -> None:
     parser = benchmark_parser(__doc__, "fit_speed.json")
-    parser.add_argument("--baseline", required=True, help="a git commit of skjnf")
+    parser.add_argument("--baseline", help="a git commit of skjnf (required)")
     parser.add_argument("--tables", nargs="+", default=["digits6", "cancer"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # table, seed: one fit here
@@ -110,6 +110,8 @@ def main() -> None:
     if args.worker is not None:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]))))
         return
+    if args.baseline is None:
+        parser.error("--baseline is required")
     root = HERE.parent
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="skjnf_baseline_") as tmp:
