@@ -21,3 +21,25 @@ def set_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
+
+
+def stage_record(model) -> dict:
+    """Each stage's epochs and mean seconds per epoch (skorch's ``dur``) of a fitted JNFEstimator,
+    [stage 1, stage 2], and the seconds of both training loops together."""
+    durations = [[row["dur"] for row in model.history_[stage]["epochs"]] for stage in ("joint", "flows")]
+    return {
+        "epochs": [len(d) for d in durations],
+        "epoch_s": [sum(d) / max(len(d), 1) for d in durations],
+        "loops_s": sum(sum(d) for d in durations),
+    }
+
+
+def worker_call(args, worker) -> bool:
+    """Run ``worker(*args.worker)`` and print its result as JSON when this process is a worker
+    (``--worker`` given); return whether it was."""
+    import json
+
+    if args.worker is None:
+        return False
+    print(json.dumps(worker(*args.worker)))
+    return True

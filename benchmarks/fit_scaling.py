@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _cli import benchmark_parser, set_threads  # noqa: E402
+from _cli import benchmark_parser, set_threads, stage_record, worker_call  # noqa: E402
 
 
 def _status_kb(field: str) -> int:
@@ -46,13 +46,12 @@ def worker(n_rows: int) -> dict:
         warnings.simplefilter("ignore")
         model = JNFEstimator(random_state=0).fit(X)
     fit_s = time.perf_counter() - start
-    stages = {stage: [row["dur"] for row in model.history_[stage]["epochs"]] for stage in ("joint", "flows")}
+    record = stage_record(model)
     return {
         "n_rows": n_rows,
         "fit_s": fit_s,
-        "epochs": {stage: len(durations) for stage, durations in stages.items()},
-        "epoch_s": {stage: sum(d) / max(len(d), 1) for stage, d in stages.items()},
-        "outside_loops_s": fit_s - sum(sum(d) for d in stages.values()),
+        **record,
+        "outside_loops_s": fit_s - record["loops_s"],
         "peak_mib": (_status_kb("VmHWM") - start_kb) / 1024,
     }
 
@@ -65,8 +64,8 @@ def report(rows: list[dict]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['n_rows']:,} | {r['fit_s']:.1f} | {r['epochs']['joint']} + {r['epochs']['flows']} | "
-            f"{r['epoch_s']['joint']:.3f} | {r['epoch_s']['flows']:.3f} | {r['outside_loops_s']:.1f} | "
+            f"| {r['n_rows']:,} | {r['fit_s']:.1f} | {r['epochs'][0]} + {r['epochs'][1]} | "
+            f"{r['epoch_s'][0]:.3f} | {r['epoch_s'][1]:.3f} | {r['outside_loops_s']:.1f} | "
             f"{r['peak_mib']:.0f} |"
         )
     return "\n".join(lines)
@@ -75,11 +74,10 @@ def report(rows: list[dict]) -> str:
 def main() -> None:
     parser = benchmark_parser(__doc__, "fit_scaling.json")
     parser.add_argument("--sizes", nargs="+", type=int, default=[1000, 10_000, 100_000])
-    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # one size, in this process
+    parser.add_argument("--worker", nargs=1, type=int, help=argparse.SUPPRESS)  # one size, in this process
     args = parser.parse_args()
     set_threads(args.threads)
-    if args.worker is not None:
-        print(json.dumps(worker(args.worker)))
+    if worker_call(args, worker):
         return
     rows = []
     for n in args.sizes:

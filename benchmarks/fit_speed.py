@@ -27,10 +27,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _cli import benchmark_parser, set_threads  # noqa: E402
+from _cli import benchmark_parser, set_threads, stage_record, worker_call  # noqa: E402
 
 
-def worker(table_name: str, seed: int) -> dict:
+def worker(table_name: str, seed: str) -> dict:
     import numpy as np
     from _tables import load_table
 
@@ -40,7 +40,7 @@ def worker(table_name: str, seed: int) -> dict:
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = JNFEstimator(random_state=seed).fit(table.train)
+        model = JNFEstimator(random_state=int(seed)).fit(table.train)
         fit_s = time.perf_counter() - start
         errors = [
             float(((model.predict({m: table.test[m]})[t] - table.test[t]) ** 2).mean())
@@ -49,14 +49,12 @@ def worker(table_name: str, seed: int) -> dict:
             if t != m
         ]
         log_likelihood = float(model.score(table.test))
-    stages = {stage: [row["dur"] for row in model.history_[stage]["epochs"]] for stage in ("joint", "flows")}
     import skjnf
 
     return {
         "skjnf": skjnf.__file__,
         "fit_s": fit_s,
-        "epochs": [len(stages["joint"]), len(stages["flows"])],
-        "epoch_s": [sum(d) / max(len(d), 1) for d in stages.values()],
+        **stage_record(model),
         "log_likelihood": log_likelihood,
         "mse_one_view": float(np.mean(errors)),
     }
@@ -107,8 +105,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # table, seed: one fit here
     args = parser.parse_args()
     set_threads(args.threads)
-    if args.worker is not None:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]))))
+    if worker_call(args, worker):
         return
     if args.baseline is None:
         parser.error("--baseline is required")
