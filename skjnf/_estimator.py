@@ -14,6 +14,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted
 
+from ._batch import StageBatch
 from ._fitting import (
     ACTIVITY_THRESHOLD,
     TrainingSettings,
@@ -35,7 +36,7 @@ from ._inference import (
     target_conditioning,
 )
 from ._likelihoods import LIKELIHOODS
-from ._modules import OBSERVED, fitted_choices
+from ._modules import fitted_choices
 from ._spec import ModelSpec, build_module, model_spec
 from ._validation import Layout, ModalityData, check_int, rebuild_container, validate_X
 from ._warnings import user_stacklevel
@@ -389,10 +390,10 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         init_seed, split_seed, seed1, seed2, inference_seed = _seeds(self.random_state, 5)
         train_rows, valid_rows = split_rows(data.n_samples, self.validation_fraction, split_seed)
         module = build_checked_module(spec, blocks, data.observed, train_rows, init_seed).to(device)
-        if observed is not None:  # incomplete rows: the observed mask travels with the blocks
-            blocks = {**blocks, OBSERVED: torch.from_numpy(observed.astype(np.float32))}
-        train = {m: x[train_rows].to(device) for m, x in blocks.items()}
-        valid = {m: x[valid_rows].to(device) for m, x in blocks.items()} if len(valid_rows) else None
+        # incomplete rows: the observed mask travels with the blocks
+        rows = StageBatch(blocks, None if observed is None else torch.from_numpy(observed.astype(np.float32)))
+        train = rows.rows(train_rows).to(device)
+        valid = rows.rows(valid_rows).to(device) if len(valid_rows) else None
         history = train_both_stages(module, spec, train, valid, self._training_settings(), (seed1, seed2), device)
         activity = latent_activity(module, train)
         # from now on an inference object, frozen once: eval mode (user networks may hold dropout or

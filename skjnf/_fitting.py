@@ -12,15 +12,12 @@ import numpy as np
 import torch
 from sklearn.linear_model import RidgeCV
 
+from ._batch import StageBatch
 from ._contracts import check_contracts
 from ._distributions import reparameterize
 from ._inference import choose_target_routes, frozen_inference, joint_posterior
 from ._modules import (
-    JOINT_LOG_VAR,
-    JOINT_MEAN,
-    OBSERVED,
     TRUNK_CACHE_BYTES,
-    TRUNK_FEATURES,
     JNFModule,
     UnimodalEncoder,
     choose_subset_routes,
@@ -32,7 +29,7 @@ from ._modules import (
     subsets_by_size,
 )
 from ._spec import ModelSpec, build_module
-from ._training import NOISE_KEY, STAGES, StageModule, train_stage
+from ._training import STAGES, StageModule, train_stage
 from ._validation import Layout, ModalityData
 from ._warnings import user_stacklevel
 
@@ -144,13 +141,18 @@ def build_checked_module(spec: ModelSpec, blocks: dict, observed: np.ndarray, tr
 
 
 def train_both_stages(
-    module: JNFModule, spec: ModelSpec, train: dict, valid: dict | None, settings: TrainingSettings, seeds, device
+    module: JNFModule,
+    spec: ModelSpec,
+    train: StageBatch,
+    valid: StageBatch | None,
+    settings: TrainingSettings,
+    seeds,
+    device,
 ) -> dict:
     """Stage 1, then stage 2 with the joint part frozen; returns ``{"joint": ..., "flows": ...}`` histories.
 
-    ``train`` / ``valid`` are the blocks of their rows (with ``OBSERVED`` when some row is
-    incomplete), on ``device``; the joint part's ``requires_grad`` flags are restored however
-    training ends.
+    ``train`` / ``valid`` are their rows' blocks and observed mask, on ``device``; the joint
+    part's ``requires_grad`` flags are restored however training ends.
     """
     joint_params = [p for part in module.joint_parts() for p in part.parameters()]
     history = {}
@@ -185,11 +187,11 @@ def train_both_stages(
 ACTIVITY_THRESHOLD = 0.01
 
 
-def latent_activity(module: JNFModule, blocks: dict) -> np.ndarray:
-    """Per latent dimension, the variance over ``blocks``' rows of the joint posterior mean: near 0
+def latent_activity(module: JNFModule, data: StageBatch) -> np.ndarray:
+    """Per latent dimension, the variance over ``data``'s rows of the joint posterior mean: near 0
     for a dimension the model does not use (its posterior is the prior whatever the row)."""
     with frozen_inference(module):
-        mean, _ = joint_posterior(module, blocks, blocks.get(OBSERVED))
+        mean, _ = joint_posterior(module, data.blocks, data.observed)
     return mean.double().var(0, correction=0).cpu().numpy() if len(mean) else np.zeros(module.latent_dim)
 
 
@@ -200,27 +202,26 @@ def _train_stage(module, stage, spec, train, valid, epochs, seed, settings: Trai
         rescale, beta = spec.rescale, float(settings.beta)
 
         def part_losses(m, b, e, active):
-            return [stage1_loss(m, b, e, rescale, beta, b.get(OBSERVED))]
+            return [stage1_loss(m, b.blocks, e, rescale, beta, b.observed)]
 
         parts, noise_dim, part_rows = [module.joint_parts()], module.latent_dim, None
     else:
 
         def part_losses(m, b, e, active):
-            experts, subset = stage2_terms(m, b, e, b.get(OBSERVED), active=active)
+            experts, subset = stage2_terms(m, b, e, active=active)
             return list(experts.values()) + ([subset] if m.subset_encoder is not None else [])
 
         def part_rows(b):
-            return stage2_row_counts(b.get(OBSERVED), len(b[JOINT_MEAN]), len(parts))
+            return stage2_row_counts(b.observed, len(b), len(parts))
 
         parts, noise_dim = module.stage2_parts(), stage2_noise_dim(module)
         train = _with_joint_posterior(module, train)
         valid = None if valid is None else _with_joint_posterior(module, valid)
-        module.set_aggregate_posterior(train[JOINT_MEAN], train[JOINT_LOG_VAR])
+        module.set_aggregate_posterior(train.joint_mean, train.joint_log_var)
         set_linear_paths(module, train, torch.Generator(device=device).manual_seed(int(valid_seed) + 3))
     if valid is not None:
-        n_valid = len(next(iter(valid.values())))
         fixed = torch.Generator(device=device).manual_seed(int(valid_seed))
-        valid = {**valid, NOISE_KEY: torch.randn(n_valid, noise_dim, generator=fixed, device=device)}
+        valid = valid.replace(noise=torch.randn(len(valid), noise_dim, generator=fixed, device=device))
     history = train_stage(
         StageModule(module, part_losses, parts, noise_generator, STAGES[stage], noise_dim, part_rows),
         train,
@@ -238,8 +239,8 @@ def _train_stage(module, stage, spec, train, valid, epochs, seed, settings: Trai
     if stage == "flows" and valid is not None and module.subset_encoder is not None:
         rows = at_most(valid, MAX_SELECTION_ROWS, torch.Generator(device=device).manual_seed(int(valid_seed) + 2))
         with frozen_inference(module):  # the choices live in the module's buffers (fitted_choices)
-            choose_subset_routes(module, rows, rows[NOISE_KEY], rows.get(OBSERVED))
-            choose_target_routes(module, rows, rows.get(OBSERVED), settings.n_posterior_samples, int(valid_seed))
+            choose_subset_routes(module, rows, rows.noise)
+            choose_target_routes(module, rows.blocks, rows.observed, settings.n_posterior_samples, int(valid_seed))
     part_epochs, part_losses_best = history.pop("part_best_epochs"), history.pop("part_best_losses")
     if stage == "flows" and valid is not None and part_epochs:
         # Each expert's calibration: mean held-out −log q_j(z | x_j) at its kept epoch.
@@ -262,17 +263,15 @@ CALIBRATION_DRAWS = 8
 MAX_SELECTION_ROWS = 2048
 
 
-def at_most(blocks: dict, max_rows: int, generator: torch.Generator) -> dict:
-    """``blocks`` itself with at most ``max_rows`` rows, else a random subset of that many."""
-    n = len(next(iter(blocks.values())))
-    if n <= max_rows:
-        return blocks
-    rows = torch.randperm(n, generator=generator, device=generator.device)[:max_rows]
-    return {key: value[rows] for key, value in blocks.items()}
+def at_most(data: StageBatch, max_rows: int, generator: torch.Generator) -> StageBatch:
+    """``data`` itself with at most ``max_rows`` rows, else a random subset of that many."""
+    if len(data) <= max_rows:
+        return data
+    return data.rows(torch.randperm(len(data), generator=generator, device=generator.device)[:max_rows])
 
 
-def calibrate_auto_scales(module: JNFModule, spec: ModelSpec, blocks: dict, seed: int) -> dict[str, float]:
-    """Set each "auto" scale (normal, laplace) to its maximum-likelihood value on ``blocks`` (the
+def calibrate_auto_scales(module: JNFModule, spec: ModelSpec, data: StageBatch, seed: int) -> dict[str, float]:
+    """Set each "auto" scale (normal, laplace) to its maximum-likelihood value on ``data`` (the
     validation rows, else the training rows), from the residuals of the trained decoders at
     ``CALIBRATION_DRAWS`` draws of the joint posterior; returns ``{modality: scale}``.
 
@@ -294,8 +293,8 @@ def calibrate_auto_scales(module: JNFModule, spec: ModelSpec, blocks: dict, seed
     scales = {}
     device = next(module.parameters()).device
     generator = torch.Generator(device=device).manual_seed(int(seed) + 1)
-    blocks = at_most(blocks, MAX_SELECTION_ROWS, generator)  # bounds memory: (draws, rows, features) residuals
-    observed = blocks.get(OBSERVED)
+    data = at_most(data, MAX_SELECTION_ROWS, generator)  # bounds memory: (draws, rows, features) residuals
+    blocks, observed = data.blocks, data.observed
     with frozen_inference(module):
         mean, log_var = joint_posterior(module, blocks, observed)
         noise = torch.randn(CALIBRATION_DRAWS, *mean.shape, generator=generator, device=mean.device)
@@ -319,16 +318,16 @@ MAX_LINEAR_PATH_ROWS = 8192
 RIDGE_ALPHAS = np.logspace(-6, 2, 17)
 
 
-def set_linear_paths(module: JNFModule, blocks: dict, generator: torch.Generator) -> None:
+def set_linear_paths(module: JNFModule, data: StageBatch, generator: torch.Generator) -> None:
     """Set the closed-form linear paths: each default expert encoder's, the ridge regression of the
     frozen joint posterior means on its (clipped) input over the rows that expert learns from;
     and, where the subset encoder has them, each subset S's, on the inputs of S over the rows
     observing S. Penalties are chosen by generalised cross-validation (``RidgeCV``); custom
     encoders are left alone."""
-    blocks = at_most(blocks, MAX_LINEAR_PATH_ROWS, generator)
-    observed = blocks.get(OBSERVED)
+    data = at_most(data, MAX_LINEAR_PATH_ROWS, generator)
+    blocks, observed = data.blocks, data.observed
     has = None if observed is None else (observed > 0).cpu().numpy()
-    target = blocks[JOINT_MEAN].double().cpu().numpy()
+    target = data.joint_mean.double().cpu().numpy()
     inputs = [
         module.encoder_input(j, blocks[name]).flatten(1).double().cpu().numpy() for j, name in enumerate(module.names)
     ]
@@ -365,17 +364,17 @@ def _ridge(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None
     return ridge.coef_, ridge.intercept_
 
 
-def _with_joint_posterior(module: JNFModule, blocks: dict) -> dict:
-    """``blocks`` plus what the frozen joint part gives their rows in every stage-2 step, computed
+def _with_joint_posterior(module: JNFModule, data: StageBatch) -> StageBatch:
+    """``data`` with what the frozen joint part gives its rows in every stage-2 step, computed
     once: the joint posterior (given what each row observes) and, for the subset posterior, the
     trunk features (where they take at most ``TRUNK_CACHE_BYTES``)."""
     with frozen_inference(module):
-        mean, log_var = joint_posterior(module, blocks, blocks.get(OBSERVED))
-        out = {**blocks, JOINT_MEAN: mean, JOINT_LOG_VAR: log_var}
+        mean, log_var = joint_posterior(module, data.blocks, data.observed)
+        data = data.replace(joint_mean=mean, joint_log_var=log_var)
         if module.subset_encoder is not None:
             width = sum(readout.in_features for readout in module.subset_encoder.readouts)
             if len(mean) * width * mean.element_size() <= TRUNK_CACHE_BYTES:
                 trunks = module.joint_encoder.trunks
-                inputs = [module.encoder_input(j, blocks[name]) for j, name in enumerate(module.names)]
-                out[TRUNK_FEATURES] = torch.cat([trunk(x) for trunk, x in zip(trunks, inputs)], dim=-1)
-    return out
+                inputs = [module.encoder_input(j, data.blocks[name]) for j, name in enumerate(module.names)]
+                data = data.replace(trunk_features=torch.cat([trunk(x) for trunk, x in zip(trunks, inputs)], dim=-1))
+    return data

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._batch import StageBatch
 from ._distributions import (
     expert_log_prob,
     gaussian_log_prob,
@@ -37,10 +38,6 @@ __all__ = [
     "random_subset_masks",
     "choose_subset_routes",
     "fitted_choices",
-    "JOINT_MEAN",
-    "JOINT_LOG_VAR",
-    "OBSERVED",
-    "TRUNK_FEATURES",
     "TRUNK_CACHE_BYTES",
 ]
 
@@ -461,15 +458,17 @@ class JNFModule(nn.Module):
     def expert_log_prob(self, name: str, z: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
         return expert_log_prob(z, mean, log_var, self.flows[self.index(name)])
 
-    def subset_posterior(self, blocks: dict[str, Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
+    def subset_posterior(
+        self, blocks: dict[str, Tensor], mask: Tensor, trunk_features: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(mean, log-variance) of the subset posterior's base Gaussian; ``mask`` (n, M) or (n, k, M) marks S.
 
         Each modality is read through the joint encoder's trunk (clipped to fit's range first), or
-        from ``blocks[TRUNK_FEATURES]`` where stage 2 computed the frozen trunks' features once.
+        from ``trunk_features`` where stage 2 computed the frozen trunks' features once.
         """
         inputs = [self.encoder_input(j, blocks[name]) if name in blocks else None for j, name in enumerate(self.names)]
-        if TRUNK_FEATURES in blocks:
-            cached = blocks[TRUNK_FEATURES].split([r.in_features for r in self.subset_encoder.readouts], dim=-1)
+        if trunk_features is not None:
+            cached = trunk_features.split([r.in_features for r in self.subset_encoder.readouts], dim=-1)
             features = [None if x is None else h for h, x in zip(cached, inputs)]
         else:
             features = [None if x is None else trunk(x) for trunk, x in zip(self.joint_encoder.trunks, inputs)]
@@ -533,15 +532,8 @@ def stage1_loss(
     return reconstruction + beta * kl
 
 
-#: Batch keys under which stage 2 receives the frozen joint posterior, computed once per fit.
-JOINT_MEAN, JOINT_LOG_VAR = "__joint_mean__", "__joint_log_var__"
-#: Batch key of the (n, M) float mask of observed modalities, present only when ``fit`` saw incomplete rows.
-OBSERVED = "__observed__"
-#: Batch key of the frozen joint encoder's trunk features of every modality, concatenated (n, sum of
-#: the widths): the subset posterior reads them in stage 2, where they are computed once per fit
-#: (a tenth of stage 2's work at the reference's layers) unless they would take more than
-#: ``TRUNK_CACHE_BYTES``.
-TRUNK_FEATURES = "__trunk_features__"
+#: Most bytes of the frozen trunks' features stage 2 computes once per fit (``StageBatch.trunk_features``:
+#: a tenth of stage 2's work at the reference's layers); beyond that they are computed every step.
 TRUNK_CACHE_BYTES = 2**30
 
 
@@ -591,9 +583,8 @@ def random_subset_masks(noise: Tensor, observed: Tensor | None = None) -> Tensor
 
 def stage2_terms(
     module: JNFModule,
-    blocks: dict[str, Tensor],
+    batch: StageBatch,
     noise: Tensor,
-    observed: Tensor | None = None,
     batched: bool = True,
     active: Sequence[bool] | None = None,
 ) -> tuple[dict[str, Tensor | None], Tensor | None]:
@@ -602,23 +593,26 @@ def stage2_terms(
     z is one draw of the frozen joint posterior, from ``noise[:, :D]``; with M >= 3 the rest of
     ``noise`` draws ``SUBSET_DRAWS`` random subsets S of 2..M-1 modalities per row
     (:func:`random_subset_masks`), and the subset term is the mean over them.
-    The joint posterior's (mean, log-variance) come from ``blocks[JOINT_MEAN]`` and
-    ``blocks[JOINT_LOG_VAR]`` when present (the joint part is frozen in stage 2, so they are
+    The joint posterior's (mean, log-variance) come from ``batch.joint_mean`` and
+    ``batch.joint_log_var`` when present (the joint part is frozen in stage 2, so they are
     computed once, not every epoch), else from the joint encoder.
 
     Every flow reads the same z, so the experts' flows and the subset flow run once per row
     and, with ``batched``, as one batched pass per group of same-shape flows, with the default
-    encoders' layers after their first batched too (:mod:`~skjnf._stacked`); ``batched=False``
-    evaluates the same terms network by network. ``active`` (one flag per expert, then the subset
-    posterior) leaves out the parts whose training has stopped: their term is None.
+    encoders' layers after their first batched too on accelerators (:mod:`~skjnf._stacked`);
+    ``batched=False`` evaluates the same terms network by network. ``active`` (one flag per
+    expert, then the subset posterior) leaves out the parts whose training has stopped: their
+    term is None.
 
-    Given ``observed`` (n, M), the joint posterior is q(z | x_O), expert j learns from the rows
-    :func:`stage2_expert_rows` gives, the subsets are drawn among the observed modalities and the
-    subset term is zero on rows observing fewer than two: each expert learns E[q(z | x_O) | x_j],
-    which is q_j's target p(z | x_j) when modalities are missing at random (the tower property).
+    Given ``batch.observed`` (n, M), the joint posterior is q(z | x_O), expert j learns from the
+    rows :func:`stage2_expert_rows` gives, the subsets are drawn among the observed modalities and
+    the subset term is zero on rows observing fewer than two: each expert learns
+    E[q(z | x_O) | x_j], which is q_j's target p(z | x_j) when modalities are missing at random
+    (the tower property).
     """
-    if JOINT_MEAN in blocks:
-        mean, log_var = blocks[JOINT_MEAN], blocks[JOINT_LOG_VAR]
+    blocks, observed = batch.blocks, batch.observed
+    if batch.joint_mean is not None:
+        mean, log_var = batch.joint_mean, batch.joint_log_var
     else:
         with torch.no_grad():
             mean, log_var = module.joint_posterior(blocks, observed)
@@ -652,7 +646,7 @@ def stage2_terms(
     subset_noise = noise[:, D:].reshape(n * k, -1)
     row_observed = None if observed is None else observed.repeat_interleave(k, dim=0)
     masks = random_subset_masks(subset_noise, row_observed).reshape(n, k, -1)
-    mean, log_var = module.subset_posterior(blocks, masks)  # (n, k, D): one base per subset
+    mean, log_var = module.subset_posterior(blocks, masks, batch.trunk_features)  # (n, k, D): one base per subset
     u, log_det = mapped[-1]
     subset = -(gaussian_log_prob(u[:, None], mean, log_var) + log_det[:, None]).mean(1)
     if observed is not None:
@@ -696,9 +690,9 @@ def stage2_row_counts(observed: Tensor | None, n: int, n_parts: int) -> Tensor:
     return counts[:n_parts].to(observed.dtype)
 
 
-def stage2_loss(module: JNFModule, blocks: dict[str, Tensor], noise: Tensor) -> Tensor:
+def stage2_loss(module: JNFModule, batch: StageBatch, noise: Tensor) -> Tensor:
     """Per-row Σ_j −log q_j(z | x_j) − log q_S(z | x_S): the terms of :func:`stage2_terms`, summed."""
-    experts, subset = stage2_terms(module, blocks, noise)
+    experts, subset = stage2_terms(module, batch, noise)
     return sum(experts.values()) + (0.0 if subset is None else subset)
 
 
@@ -750,27 +744,26 @@ def fitted_choices(module: JNFModule) -> dict:
 
 
 @torch.no_grad()
-def choose_subset_routes(
-    module: JNFModule, blocks: dict[str, Tensor], noise: Tensor, observed: Tensor | None = None
-) -> dict[str, str]:
+def choose_subset_routes(module: JNFModule, batch: StageBatch, noise: Tensor) -> dict[str, str]:
     """Route each subset S of 2..M-1 modalities to the posterior, among S's and its subsets', that
     fits held-out rows best.
 
-    ``blocks`` are validation rows with their frozen joint posterior (``JOINT_MEAN``,
-    ``JOINT_LOG_VAR``) and ``noise[:, :D]`` draws z from it. Each posterior's loss is its mean
+    ``batch`` holds validation rows with their frozen joint posterior (``joint_mean``,
+    ``joint_log_var``) and ``noise[:, :D]`` draws z from it. Each posterior's loss is its mean
     −log q(z | x_T) there: the expert's for one modality, the subset posterior's for 2..M-1.
     Going up by size, S keeps its own posterior unless some S minus one modality already does
     better (whatever that one routes to): so held-out fit never gets worse as modalities are
     added. This is model selection on the stage-2 objective, the one every posterior was trained
     on; it needs 2^M passes of the subset encoder over the validation rows, so it runs for
-    M <= ``MAX_ROUTED_MODALITIES``. Given ``observed`` (n, M), S is judged on the rows observing
+    M <= ``MAX_ROUTED_MODALITIES``. Given ``batch.observed`` (n, M), S is judged on the rows observing
     all of S (it keeps its own posterior when there are none). ``module.subset_routes[S]`` gets
     the bitmask of the subset to use; returns ``{"a+b+c": "a+c"}`` for the subsets routed elsewhere.
     """
     n_modalities, routes = len(module.names), module.subset_routes
     if routes.numel() == 0:
         return {}
-    z = reparameterize(blocks[JOINT_MEAN], blocks[JOINT_LOG_VAR], noise[:, : module.latent_dim])
+    blocks, observed = batch.blocks, batch.observed
+    z = reparameterize(batch.joint_mean, batch.joint_log_var, noise[:, : module.latent_dim])
     has = torch.ones(len(z), n_modalities, dtype=torch.bool, device=z.device) if observed is None else observed > 0
     row_losses = {}  # bitmask -> per-row −log q of its own posterior (n,)
     used = {}  # bitmask -> bitmask of the posterior it uses
@@ -782,7 +775,7 @@ def choose_subset_routes(
             continue
         mask = torch.zeros(len(z), n_modalities, device=z.device)
         mask[:, members] = 1.0
-        mean, log_var = module.subset_posterior(blocks, mask)
+        mean, log_var = module.subset_posterior(blocks, mask, batch.trunk_features)
         row_losses[bits] = -expert_log_prob(z, mean, log_var, module.subset_flow)
         used[bits] = pick_route(bits, members, used.__getitem__, row_losses.__getitem__, has[:, members].all(1))
         routes[bits] = used[bits]

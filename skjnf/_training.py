@@ -11,6 +11,8 @@ from skorch.callbacks import Callback, ProgressBar
 from skorch.helper import predefined_split
 from torch import Tensor, nn
 
+from ._batch import StageBatch
+
 __all__ = ["STAGES", "BlockDataset", "train_stage", "MAX_GRAD_NORM", "PATIENCE"]
 
 #: Gradient-norm clipping after ``backward``: a safety net so one bad batch cannot wreck Adam's moments.
@@ -24,31 +26,28 @@ PATIENCE = 10
 #: with 100 steps they were within 0.05 (cancer) and 0.16 (wine). Tables of ~1,000 rows and more
 #: (>= 10 steps per epoch) keep 10 epochs.
 PATIENCE_STEPS = 100
-#: Key under which a batch carries its fixed validation noise.
-NOISE_KEY = "__noise__"
-
 #: Human-readable stage names, used in logs and error messages.
 STAGES = {"joint": "stage 1 (joint VAE)", "flows": "stage 2 (flows)"}
 
 
 class BlockDataset(torch.utils.data.Dataset):
-    """Rows of a dict of equally long tensors (the modality blocks, possibly with noise)."""
+    """The rows of a :class:`~skjnf._batch.StageBatch`, as a dataset skorch can split and iterate."""
 
-    def __init__(self, tensors: dict[str, Tensor]):
-        self.tensors = tensors
+    def __init__(self, data: StageBatch):
+        self.data = data
 
     def __len__(self) -> int:
-        return len(next(iter(self.tensors.values())))
+        return len(self.data)
 
     def __getitem__(self, index):
-        return {key: value[index] for key, value in self.tensors.items()}, torch.zeros(())
+        return self.data.rows(index), torch.zeros(())
 
 
 class BatchIterator:
     """Slices whole tensors per batch: far cheaper than a DataLoader collating single rows."""
 
     def __init__(self, dataset: BlockDataset, batch_size: int, shuffle: bool = False, generator=None):
-        self.tensors, self.n = dataset.tensors, len(dataset)
+        self.data, self.n = dataset.data, len(dataset)
         self.batch_size = min(batch_size, self.n)
         self.shuffle, self.generator = shuffle, generator
 
@@ -57,12 +56,10 @@ class BatchIterator:
 
     def __iter__(self):
         order = torch.randperm(self.n, generator=self.generator) if self.shuffle else None
+        device = next(iter(self.data.blocks.values())).device
         for start in range(0, self.n, self.batch_size):
-            if order is None:
-                rows = slice(start, start + self.batch_size)
-            else:
-                rows = order[start : start + self.batch_size].to(next(iter(self.tensors.values())).device)
-            yield {key: value[rows] for key, value in self.tensors.items()}, None
+            rows = slice(start, start + self.batch_size) if order is None else order[start : start + self.batch_size]
+            yield self.data.rows(rows if order is None else rows.to(device)), None
 
 
 class StageModule(nn.Module):
@@ -126,13 +123,11 @@ class StageModule(nn.Module):
             for (_, param), saved in zip(self.named_trainable_parameters(parts), state):
                 param.copy_(saved)
 
-    def _noise(self, batch: dict[str, Tensor]) -> Tensor:
-        noise = batch.pop(NOISE_KEY, None)
-        if noise is None:
-            n = len(next(iter(batch.values())))
-            device = next(iter(batch.values())).device
-            noise = torch.randn(n, self.noise_dim, generator=self.generator, device=device)
-        return noise
+    def _noise(self, batch: StageBatch) -> Tensor:
+        if batch.noise is not None:
+            return batch.noise
+        device = next(iter(batch.blocks.values())).device
+        return torch.randn(len(batch), self.noise_dim, generator=self.generator, device=device)
 
     def train(self, mode: bool = True) -> StageModule:
         """Set the mode of every submodule only when it changes: skorch calls this before every
@@ -143,14 +138,14 @@ class StageModule(nn.Module):
             self._mode = mode
         return self
 
-    def forward(self, **batch: Tensor) -> Tensor:
+    def forward(self, batch: StageBatch) -> Tensor:
         losses = self.part_losses(self.jnf, batch, self._noise(batch), self.active)
         return sum(loss for loss in losses if loss is not None)
 
-    def part_sums(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def part_sums(self, batch: StageBatch) -> tuple[Tensor, Tensor]:
         """Each part's loss summed over the batch's rows, and the rows it counts (P,) each, on the
         batch's device (no host transfer)."""
-        n = len(next(iter(batch.values())))
+        n = len(batch)
         losses = self.part_losses(self.jnf, batch, self._noise(batch), self.active)
         zero = next(loss for loss in losses if loss is not None).new_zeros(())
         sums = torch.stack([zero if loss is None else loss.sum() for loss in losses])
@@ -158,13 +153,11 @@ class StageModule(nn.Module):
         return sums, rows
 
     @torch.no_grad()
-    def mean_part_losses(self, data: dict[str, Tensor], batch_size: int) -> list[float]:
+    def mean_part_losses(self, data: StageBatch, batch_size: int) -> list[float]:
         """Each part's mean per-row loss over ``data`` (with its fixed noise), in eval mode."""
         was_training = self.training
         self.eval()
-        n = len(next(iter(data.values())))
-        starts = range(0, n, batch_size)
-        totals = [self.part_sums({key: value[i : i + batch_size] for key, value in data.items()}) for i in starts]
+        totals = [self.part_sums(data.rows(slice(i, i + batch_size))) for i in range(0, len(data), batch_size)]
         self.train(was_training)
         return _part_means(totals)
 
@@ -286,6 +279,9 @@ class StageNet(NeuralNet):
     def get_all_learnable_params(self):
         yield from self.module_.named_trainable_parameters()
 
+    def infer(self, x: StageBatch, **fit_params) -> Tensor:
+        return self.module_(x)
+
     def get_loss(self, y_pred, y_true=None, X=None, training=False):
         return y_pred.mean()
 
@@ -293,11 +289,10 @@ class StageNet(NeuralNet):
         """The validation loss from each part's sums over the batch, which are kept: one pass
         gives skorch's ``valid_loss`` and every part's own loss."""
         self._set_training(False)
-        blocks = dict(batch[0])
         with torch.no_grad():
-            sums, rows = self.module_.part_sums(blocks)
+            sums, rows = self.module_.part_sums(batch[0])
         self.valid_part_totals_.append((sums, rows))
-        return {"loss": sums.sum() / len(next(iter(batch[0].values()))), "y_pred": None}
+        return {"loss": sums.sum() / len(batch[0]), "y_pred": None}
 
     def run_single_epoch(self, iterator, training, prefix, step_fn, **fit_params):
         if iterator is None:
@@ -309,7 +304,7 @@ class StageNet(NeuralNet):
             self.notify("on_batch_begin", batch=batch, training=training)
             step = step_fn(batch, **fit_params)
             losses.append(step["loss"].detach())
-            self.history.record_batch(prefix + "_batch_size", len(next(iter(batch[0].values()))))
+            self.history.record_batch(prefix + "_batch_size", len(batch[0]))
             if self.record_each_batch:
                 self.history.record_batch(prefix + "_loss", losses[-1].item())
             self.notify("on_batch_end", batch=batch, training=training, **step)
@@ -327,8 +322,8 @@ class StageNet(NeuralNet):
 
 def train_stage(
     stage: StageModule,
-    train: dict[str, Tensor],
-    valid: dict[str, Tensor] | None,
+    train: StageBatch,
+    valid: StageBatch | None,
     *,
     epochs: int,
     lr: float,
@@ -346,7 +341,7 @@ def train_stage(
     Returns the stage's history: per-epoch train / validation losses and the best epoch.
     """
     monitor = "valid_loss" if valid is not None else "train_loss"
-    steps_per_epoch = math.ceil(len(next(iter(train.values()))) / batch_size)
+    steps_per_epoch = math.ceil(len(train) / batch_size)
     patience = max(PATIENCE, math.ceil(PATIENCE_STEPS / steps_per_epoch))
     best = BestEpoch(monitor, patience if early_stopping else None)
     net = StageNet(

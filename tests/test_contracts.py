@@ -18,7 +18,7 @@ def test_validation_rows_are_never_trained_on(monkeypatch):
     seen, original = [], fitting.train_stage
 
     def spy(stage, train, valid, **kwargs):
-        seen.append((set(train["a"][:, 0].tolist()), set(valid["a"][:, 0].tolist())))
+        seen.append((set(train.blocks["a"][:, 0].tolist()), set(valid.blocks["a"][:, 0].tolist())))
         return original(stage, train, valid, **kwargs)
 
     monkeypatch.setattr(fitting, "train_stage", spy)

@@ -11,6 +11,7 @@ from scipy.stats import multivariate_normal
 
 import skjnf._estimator as estimator_module
 from skjnf import JNFEstimator
+from skjnf._batch import StageBatch
 from skjnf._modules import random_subset_masks, stage2_noise_dim, stage2_terms
 
 NAMES = ("a", "b", "c")
@@ -185,9 +186,9 @@ def test_stage2_terms_leave_out_what_a_row_does_not_observe():
     observed[:4, 1] = 0.0  # rows 0-3 miss m1
     observed[6:, 1:] = 0.0  # rows 6-7 observe m0 only
     with torch.no_grad():
-        experts, subset = stage2_terms(module, blocks, noise, observed)
-        plain, plain_subset = stage2_terms(module, blocks, noise)
-        shifted, _ = stage2_terms(module, blocks, noise, observed + 0.0)
+        experts, subset = stage2_terms(module, StageBatch(blocks, observed), noise)
+        plain, plain_subset = stage2_terms(module, StageBatch(blocks), noise)
+        shifted, _ = stage2_terms(module, StageBatch(blocks, observed + 0.0), noise)
     assert bool((experts["m1"][observed[:, 1] == 0] == 0).all())
     # a row observing one modality leaves its expert alone (the target would be the encoder's own
     # Gaussian) and has no subset term

@@ -197,9 +197,9 @@ def test_scales_are_calibrated_on_the_validation_rows(views, monkeypatch):
     seen = []
     calibrate = fitting.calibrate_auto_scales
 
-    def spy(module, spec, blocks, seed):
-        seen.append(blocks["a"].clone())
-        return calibrate(module, spec, blocks, seed)
+    def spy(module, spec, data, seed):
+        seen.append(data.blocks["a"].clone())
+        return calibrate(module, spec, data, seed)
 
     monkeypatch.setattr(fitting, "calibrate_auto_scales", spy)
     model = small_jnf(joint_epochs=1, flow_epochs=1, validation_fraction=0.25, random_state=3).fit(X)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import skjnf._modules as modules
+from skjnf._batch import StageBatch
 from skjnf._flows import MAF, _randomize_
 from skjnf._likelihoods import Normal
 from skjnf._modules import JNFModule, stage2_noise_dim, stage2_terms
@@ -40,7 +41,7 @@ def _module(flows, networks=None, seed=0):
 
 def _terms_and_grads(module, blocks, noise, observed, batched):
     module.zero_grad()
-    experts, subset = stage2_terms(module, blocks, noise, observed, batched=batched)
+    experts, subset = stage2_terms(module, StageBatch(blocks, observed), noise, batched=batched)
     losses = [*experts.values(), subset]
     sum(loss.sum() for loss in losses).backward()
     grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}

@@ -147,12 +147,13 @@ def test_subsets_are_routed_to_a_subset_only_where_it_fits_held_out_rows_better(
 def test_routing_makes_held_out_fit_monotone_in_the_subsets():
     """With a subset posterior that fits worse than each of its experts, every subset is routed
     to its best expert; with one that fits better, nothing is routed."""
-    from skjnf._modules import JOINT_LOG_VAR, JOINT_MEAN, choose_subset_routes
+    from skjnf._batch import StageBatch
+    from skjnf._modules import choose_subset_routes
 
     module = normal_module(latent_dim=2, n_modalities=4)
     g = torch.Generator().manual_seed(0)
     blocks = {f"m{j}": torch.randn(50, 2, generator=g) for j in range(4)}
-    blocks[JOINT_MEAN], blocks[JOINT_LOG_VAR] = torch.zeros(50, 2), torch.full((50, 2), -2.0)
+    blocks = StageBatch(blocks, joint_mean=torch.zeros(50, 2), joint_log_var=torch.full((50, 2), -2.0))
     noise = torch.randn(50, 2, generator=g)
     with torch.no_grad():
         for j, encoder in enumerate(module.encoders):  # expert j: N(0, e^{j/4 - 1}), m0 the best
@@ -248,9 +249,9 @@ def test_routes_are_chosen_on_at_most_max_selection_rows(views, monkeypatch):
     for name in ("choose_subset_routes", "choose_target_routes"):
         choose = getattr(fitting, name)
 
-        def spy(module, blocks, *args, choose=choose):
-            seen.append(blocks["a"].clone())
-            return choose(module, blocks, *args)
+        def spy(module, rows, *args, choose=choose):  # a StageBatch, or its blocks
+            seen.append((rows if isinstance(rows, dict) else rows.blocks)["a"].clone())
+            return choose(module, rows, *args)
 
         monkeypatch.setattr(fitting, name, spy)
     params = dict(joint_epochs=1, flow_epochs=1, validation_fraction=0.5)

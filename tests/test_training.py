@@ -11,13 +11,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import skjnf._fitting as fitting
 import skjnf._training as training
+from skjnf._batch import StageBatch
 from skjnf._distributions import gaussian_log_prob
 from skjnf._likelihoods import Bernoulli, Laplace, Normal
 from skjnf._modules import (
-    JOINT_LOG_VAR,
-    JOINT_MEAN,
     SUBSET_DRAWS,
-    TRUNK_FEATURES,
     JNFModule,
     random_subset_masks,
     stage1_loss,
@@ -79,13 +77,13 @@ def test_stage_losses_match_the_formulas_by_hand():
         m, lv = module.subset_encoder(features, inputs, mask)
         subset_log_q = torch.distributions.Normal(m, torch.exp(0.5 * lv)).log_prob(u).sum(-1) + log_det
         expected2 = expected2 - subset_log_q / k
-    torch.testing.assert_close(stage2_loss(module, blocks, noise2), expected2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(stage2_loss(module, StageBatch(blocks), noise2), expected2, atol=1e-6, rtol=0)
     # fit hands stage 2 the frozen joint posterior once, instead of re-encoding every batch
-    cached = {**blocks, JOINT_MEAN: mean.detach(), JOINT_LOG_VAR: log_var.detach()}
+    cached = StageBatch(blocks, joint_mean=mean.detach(), joint_log_var=log_var.detach())
     torch.testing.assert_close(stage2_loss(module, cached, noise2), expected2, atol=1e-6, rtol=0)
     # ... and the frozen trunks' features, which the subset posterior reads
-    frozen = fitting._with_joint_posterior(module, blocks)
-    assert frozen[TRUNK_FEATURES].shape == (7, 3 * 5)
+    frozen = fitting._with_joint_posterior(module, StageBatch(blocks))
+    assert frozen.trunk_features.shape == (7, 3 * 5)
     torch.testing.assert_close(stage2_loss(module, frozen, noise2), expected2, atol=1e-6, rtol=0)
 
 
@@ -165,7 +163,7 @@ def test_best_epoch_is_restored(views, monkeypatch):
     for (stage, valid), key in zip(stages, ("joint", "flows")):
         with torch.no_grad():
             jnf.module_.eval()
-            recomputed = stage.mean_part_losses(dict(valid), 64)
+            recomputed = stage.mean_part_losses(valid, 64)
         epochs = jnf.history_[key]["epochs"]
         parts = (
             [
@@ -224,8 +222,8 @@ def test_divergence_raises_and_leaves_no_half_fitted_state(views):
 def test_nan_in_stage2_names_the_stage(views, monkeypatch):
     X, _, _ = views
 
-    def poisoned(module, blocks, noise, observed=None, **kwargs):
-        experts, subset = stage2_terms(module, blocks, noise, observed, **kwargs)
+    def poisoned(module, batch, noise, **kwargs):
+        experts, subset = stage2_terms(module, batch, noise, **kwargs)
         return {name: term * float("nan") for name, term in experts.items()}, subset
 
     monkeypatch.setattr(fitting, "stage2_terms", poisoned)
@@ -238,7 +236,7 @@ def test_keyboard_interrupt_leaves_previous_fit_intact(views, monkeypatch):
     fitted = small_jnf(joint_epochs=2, flow_epochs=2).fit(X)
     before = fitted.transform(X)
 
-    def interrupted(module, blocks, noise, observed=None, **kwargs):
+    def interrupted(module, batch, noise, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fitting, "stage2_terms", interrupted)
@@ -367,9 +365,9 @@ def test_each_stage2_part_stops_on_its_own(views, monkeypatch):
     calls = []
     original = fitting.stage2_terms
 
-    def spy(module, blocks, noise, observed=None, **kwargs):
+    def spy(module, batch, noise, **kwargs):
         calls.append(list(kwargs["active"]))
-        return original(module, blocks, noise, observed, **kwargs)
+        return original(module, batch, noise, **kwargs)
 
     monkeypatch.setattr(fitting, "stage2_terms", spy)
     jnf = small_jnf(joint_epochs=5, flow_epochs=40, lr=3e-2).fit(X)

@@ -1,0 +1,54 @@
+"""The rows a training stage reads: the modality blocks and what ``fit`` computed for them once."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import Tensor
+
+__all__ = ["StageBatch"]
+
+
+@dataclass(frozen=True)
+class StageBatch:
+    """Rows of the training data as the stage losses read them; every tensor has one row per row.
+
+    Parameters
+    ----------
+    blocks : dict of str to Tensor
+        Each modality's flat block (n, d_m); a missing modality's rows hold placeholders.
+    observed : Tensor of shape (n, M), optional
+        1.0 where a row observes a modality; None when every row observes every modality.
+    joint_mean, joint_log_var : Tensor of shape (n, D), optional
+        Stage 2: the frozen joint posterior of each row, computed once per fit.
+    trunk_features : Tensor of shape (n, sum of trunk widths), optional
+        Stage 2: the frozen trunks' features of every modality, concatenated, computed once per fit.
+    noise : Tensor, optional
+        Fixed noise (the validation rows'); None draws fresh noise every step.
+    """
+
+    blocks: dict[str, Tensor]
+    observed: Tensor | None = None
+    joint_mean: Tensor | None = None
+    joint_log_var: Tensor | None = None
+    trunk_features: Tensor | None = None
+    noise: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.blocks.values())))
+
+    def rows(self, index) -> StageBatch:
+        """The same rows' batch at ``index`` (a slice or a tensor of row indices)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "blocks"}
+        sliced = {name: None if value is None else value[index] for name, value in fields.items()}
+        return StageBatch({m: x[index] for m, x in self.blocks.items()}, **sliced)
+
+    def to(self, device) -> StageBatch:
+        """The same batch with every tensor on ``device``."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "blocks"}
+        moved = {name: None if value is None else value.to(device) for name, value in fields.items()}
+        return StageBatch({m: x.to(device) for m, x in self.blocks.items()}, **moved)
+
+    def replace(self, **changes) -> StageBatch:
+        return dataclasses.replace(self, **changes)
