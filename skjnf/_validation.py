@@ -71,12 +71,6 @@ def _describe(spec) -> str:
     return f"{type(spec).__name__} {spec!r}"
 
 
-def _check_name(name: str) -> None:
-    """Names like ``__noise__`` are reserved: training batches carry such keys next to the modalities."""
-    if name.startswith("__") and name.endswith("__"):
-        raise ValueError(f"Modality name {name!r} is reserved (names of the form '__x__' are); rename it.")
-
-
 def resolve_layout(modalities, n_features: int, feature_names) -> tuple[tuple[str, ...], tuple[np.ndarray, ...]]:
     """Column indices of each modality of a 2-D input, from the ``modalities`` parameter.
 
@@ -95,7 +89,6 @@ def resolve_layout(modalities, n_features: int, feature_names) -> tuple[tuple[st
     for name, spec in modalities.items():
         if not isinstance(name, str):
             raise TypeError(f"Modality names must be strings; got {_describe(name)}.")
-        _check_name(name)
         if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
             if spec < 1:
                 raise ValueError(f"Modality {name!r}: width must be >= 1, got {spec}.")
@@ -256,7 +249,6 @@ def _validate_mapping(estimator, X: Mapping, layout: Layout | None, modalities):
     for key in X:
         if not isinstance(key, str):
             raise TypeError(f"Modality names (the keys of X) must be strings; got {_describe(key)}.")
-        _check_name(key)
     if fit:
         if modalities is not None and (not isinstance(modalities, Mapping) or set(modalities) != set(X)):
             raise ValueError(
