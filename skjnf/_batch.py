@@ -40,15 +40,17 @@ class StageBatch:
 
     def rows(self, index) -> StageBatch:
         """The same rows' batch at ``index`` (a slice or a tensor of row indices)."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "blocks"}
-        sliced = {name: None if value is None else value[index] for name, value in fields.items()}
-        return StageBatch({m: x[index] for m, x in self.blocks.items()}, **sliced)
+        return self._map(lambda x: x[index])
 
     def to(self, device) -> StageBatch:
         """The same batch with every tensor on ``device``."""
+        return self._map(lambda x: x.to(device))
+
+    def _map(self, fn) -> StageBatch:
+        """The batch with ``fn`` applied to every tensor (the blocks and each field that is set)."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "blocks"}
-        moved = {name: None if value is None else value.to(device) for name, value in fields.items()}
-        return StageBatch({m: x.to(device) for m, x in self.blocks.items()}, **moved)
+        mapped = {name: None if value is None else fn(value) for name, value in fields.items()}
+        return StageBatch({m: fn(x) for m, x in self.blocks.items()}, **mapped)
 
     def replace(self, **changes) -> StageBatch:
         return dataclasses.replace(self, **changes)

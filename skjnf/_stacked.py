@@ -2,10 +2,12 @@
 run as one batched matrix product over weights stacked from each expert's own parameters.
 
 Each expert keeps its own modules (its state dict, its best-epoch copy, old pickles all
-unchanged); only the evaluation is batched. Stacking G weight matrices costs one copy per layer
-and step, far less than the G - 1 passes it saves: the flows of M experts and of the subset
-posterior all read the same draw z, and the default encoders differ only in their first layer.
-Custom networks (``networks=``, flow factories) are evaluated one by one, as before.
+unchanged); only the evaluation is batched. The flows of M experts and of the subset posterior
+all read the same draw z, and the default encoders differ only in their first layer. Stacking G
+weight matrices costs one copy per layer and step: less than the G - 1 passes it saves for the
+flows, and for the encoders on an accelerator, where each launch costs (on the CPU the caller
+runs the encoders one by one, ``_modules.stack_encoders``). Custom networks (``networks=``, flow
+factories) are evaluated one by one, as before.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._distributions import softclamp
-from ._flows import _REVERSE, AffineCoupling, ComposedFlow, IdentityFlow, MAFBlock, _MaskedLinear, bounded_log_scale
+from ._flows import _REVERSE, AffineCoupling, ComposedFlow, MAFBlock, _MaskedLinear, bounded_log_scale
 
 __all__ = ["flows_at", "expert_bases"]
 
@@ -63,9 +65,8 @@ def _stacked_step(steps: Sequence, z: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _flow_signature(flow: nn.Module) -> tuple | None:
-    """Flows with equal signatures can be stacked; None for a flow that must run on its own."""
-    if isinstance(flow, IdentityFlow):
-        return ("identity",)
+    """Flows with equal signatures can be stacked; None for a flow that runs on its own (a custom
+    flow, or the identity of ``n_flow_blocks=0``, which costs nothing)."""
     if not isinstance(flow, ComposedFlow) or type(flow).forward is not ComposedFlow.forward:
         return None
     steps = flow.transforms()
@@ -87,9 +88,6 @@ def flows_at(flows: Sequence[nn.Module], z: Tensor) -> list[tuple[Tensor, Tensor
         if len(members) == 1 or signature[0] == "alone":
             for g in members:
                 out[g] = flows[g](z)
-        elif signature[0] == "identity":
-            for g in members:
-                out[g] = (z, z.new_zeros(z.shape[:-1]))
         else:
             u, log_det = z, z.new_zeros(len(members), *z.shape[:-1])
             for steps in zip(*(flows[g].transforms() for g in members)):

@@ -58,12 +58,13 @@ class BatchIterator:
         order = torch.randperm(self.n, generator=self.generator) if self.shuffle else None
         device = next(iter(self.data.blocks.values())).device
         for start in range(0, self.n, self.batch_size):
-            rows = slice(start, start + self.batch_size) if order is None else order[start : start + self.batch_size]
-            yield self.data.rows(rows if order is None else rows.to(device)), None
+            stop = start + self.batch_size
+            yield self.data.rows(slice(start, stop) if order is None else order[start:stop].to(device)), None
 
 
 class StageModule(nn.Module):
-    """One stage as skorch sees it: ``forward(**batch)`` returns the per-row stage loss.
+    """One stage as skorch sees it: ``forward(batch)`` (a :class:`~skjnf._batch.StageBatch`)
+    returns the per-row stage loss.
 
     ``parts`` are groups of modules with disjoint parameters and ``part_losses(jnf, batch,
     noise, active)`` returns one per-row loss per part (None for a part whose training has
