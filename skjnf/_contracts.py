@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._inference import frozen_inference
-from ._modules import JNFModule
+from ._modules import JNFModule, frozen_inference
 
 __all__ = ["check_contracts"]
 

@@ -1,4 +1,4 @@
-"""Log-densities written analytically: Gaussians, flow experts and the smooth clamp."""
+"""Log-densities written analytically: Gaussians, flow posteriors and the smooth clamp."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ __all__ = [
     "gaussian_log_prob",
     "std_normal_log_prob",
     "expert_log_prob",
+    "FlowDistribution",
     "reparameterize",
 ]
 
@@ -62,3 +63,45 @@ def expert_log_prob(z: Tensor, mean: Tensor, log_var: Tensor, flow) -> Tensor:
 def reparameterize(mean: Tensor, log_var: Tensor, noise: Tensor) -> Tensor:
     """``mean + sigma * noise`` with ``sigma = exp(log_var / 2)``."""
     return mean + torch.exp(0.5 * log_var) * noise
+
+
+class FlowDistribution:
+    """A flow posterior of n rows, q(z | x) = N(f(z); μ, σ²)·|det ∂f/∂z|: z = f⁻¹(u), u ~ N(μ, σ²).
+
+    One expert q_j(z | x_j) (``JNFModule.expert``), or the subset posterior given S
+    (``JNFModule.subset``); like ``torch.distributions`` objects, it holds its parameters and
+    answers ``log_prob`` and ``rsample``. ``loc`` and ``log_var`` (n, D) are the base Gaussian's;
+    ``flow`` maps latents to the base space: ``flow(z) = (u, log|det ∂u/∂z|)``,
+    ``flow.inverse(u) = (z, log|det ∂z/∂u|)``.
+    """
+
+    def __init__(self, loc: Tensor, log_var: Tensor, flow):
+        self.loc, self.log_var, self.flow = loc, log_var, flow
+
+    def __len__(self) -> int:
+        return len(self.loc)
+
+    def rows(self, index) -> FlowDistribution:
+        """The posterior of the rows at ``index`` (a slice or an index tensor)."""
+        return FlowDistribution(self.loc[index], self.log_var[index], self.flow)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log q(z | x) of z (..., n, D) or (..., D) broadcastable to the rows: (..., n)."""
+        return expert_log_prob(z, self.loc, self.log_var, self.flow)
+
+    def rsample(self, noise: Tensor) -> Tensor:
+        """Draws (k, n, D) from standard normal base noise (k, n, D) or (k, 1, D) shared by the rows."""
+        return self.rsample_and_log_prob(noise, with_log_prob=False)[0]
+
+    def rsample_and_log_prob(self, noise: Tensor, with_log_prob: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Draws (k, n, D) and their log q (k, n), from one inverse pass:
+        log q(z) = log N(u; μ, σ²) − log|det ∂z/∂u|."""
+        u = reparameterize(self.loc, self.log_var, noise).expand(noise.shape[0], *self.loc.shape)
+        z, log_det = self.flow.inverse(u.reshape(-1, u.shape[-1]))
+        if not with_log_prob:
+            return z.reshape(u.shape), None
+        return z.reshape(u.shape), gaussian_log_prob(u, self.loc, self.log_var) - log_det.reshape(u.shape[:-1])
+
+    def base_mean_image(self) -> Tensor:
+        """f⁻¹(μ) (n, D): the base mean carried to the latent space."""
+        return self.flow.inverse(self.loc)[0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from numbers import Integral, Real
@@ -25,18 +24,10 @@ from ._fitting import (
     training_row_counts,
     training_rows,
 )
-from ._inference import (
-    SUBSET_POSTERIORS,
-    HMCSettings,
-    HMCStats,
-    conditional_log_likelihood,
-    decode_in_chunks,
-    latents_by_pattern,
-    marginal_log_likelihood,
-    target_conditioning,
-)
+from ._inference import Inference, InferenceSettings
 from ._likelihoods import LIKELIHOODS
-from ._modules import fitted_choices
+from ._posteriors import SUBSET_POSTERIORS, HMCSettings, HMCStats
+from ._routing import fitted_choices
 from ._spec import ModelSpec, build_module, model_spec
 from ._validation import Layout, ModalityData, check_int, rebuild_container, validate_X
 from ._warnings import user_stacklevel
@@ -445,29 +436,18 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
                 raise ValueError(f"Unknown modality {name!r} in cond_mod; known modalities are {names}.")
         return np.isin(names, requested)
 
-    def _call_seed(self, random_state) -> int:
-        if random_state is None:
-            return self._inference_seed
-        return _seeds(random_state, 1)[0]
+    def _inference(self, random_state=None) -> Inference:
+        """The inference object of one call (HMC chains sized for ``n_posterior_samples``)."""
+        seed = self._inference_seed if random_state is None else _seeds(random_state, 1)[0]
+        hmc = HMCSettings.for_mean(self.n_posterior_samples, self.n_mcmc_steps, self.n_leapfrog, self.step_size)
+        settings = InferenceSettings(
+            self.n_posterior_samples, self.n_importance_samples, self.subset_posterior, hmc, seed, self.verbose > 0
+        )
+        return Inference(self.module_, settings)
 
-    def _hmc_settings(self) -> HMCSettings:
-        """HMC chains for a posterior mean: enough kept positions for ``n_posterior_samples``."""
-        kept = self.n_mcmc_steps - self.n_mcmc_steps // 2
-        n_chains = math.ceil(self.n_posterior_samples / kept)
-        return HMCSettings(n_chains, self.n_mcmc_steps, self.n_leapfrog, self.step_size)
-
-    def _posterior(self, X, cond_mod, n_draws, random_state, stats: HMCStats | None = None):
-        """Latents for every row, conditioned per observed pattern: (n, D) or (n_draws, n, D).
-
-        HMC diagnostics accumulate in ``stats`` (a fresh one if None); nothing is written on the
-        estimator, so inference leaves it unchanged and is safe from several threads.
-        """
+    def _validated(self, X) -> ModalityData:
         check_is_fitted(self)
-        _, data, _ = validate_X(X, layout=self._layout, estimator=self)
-        stats = HMCStats() if stats is None else stats
-        out = self._latents(data, cond_mod, n_draws, random_state, stats)
-        _warn_about_hmc(stats)
-        return data, out
+        return validate_X(X, layout=self._layout, estimator=self)[1]
 
     def _row_conditioning(self, data: ModalityData, cond_mod) -> np.ndarray:
         """(n, M) mask of the modalities each row is conditioned on: observed and requested."""
@@ -481,24 +461,14 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             )
         return conditioning
 
-    def _latents(self, data: ModalityData, cond_mod, n_draws, random_state, stats: HMCStats, conditioning=None):
-        """:meth:`_posterior`'s latents for already validated ``data`` (HMC diagnostics into ``stats``),
-        each row conditioned on ``cond_mod`` or, given ``conditioning`` (n, M), on what it marks."""
-        if conditioning is None:
-            conditioning = self._row_conditioning(data, cond_mod)
-        with torch.no_grad():
-            return latents_by_pattern(
-                self.module_,
-                data,
-                conditioning,
-                n_draws=n_draws,
-                n_mean_samples=self.n_posterior_samples,
-                hmc=self._hmc_settings(),
-                seed=self._call_seed(random_state),
-                stats=stats,
-                subset_posterior=self.subset_posterior,
-                progress=self.verbose > 0,
-            )
+    def _latents(self, X, cond_mod, n_draws, random_state=None) -> tuple[ModalityData, np.ndarray, HMCStats]:
+        """Posterior means (n, D) or ``n_draws`` draws (n_draws, n, D) of X's rows given ``cond_mod``,
+        in X's float dtype, and the call's HMC diagnostics (already warned about)."""
+        data = self._validated(X)
+        inference = self._inference(random_state)
+        z = inference.latents(data, self._row_conditioning(data, cond_mod), n_draws)
+        _warn_about_hmc(inference.stats)
+        return data, z.cpu().numpy().astype(data.dtype, copy=False), inference.stats
 
     def transform(self, X, cond_mod=None):
         """Latent representation of each row, given its observed conditioning modalities.
@@ -516,9 +486,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             Posterior mean (``latent="mean"``) or one posterior draw (``latent="sample"``).
         """
         n_draws = None if self.latent == "mean" else 1
-        data, z = self._posterior(X, cond_mod, n_draws, None)
-        z = z if n_draws is None else z[0]
-        return z.astype(data.dtype, copy=False)
+        _, z, _ = self._latents(X, cond_mod, n_draws)
+        return z if n_draws is None else z[0]
 
     def sample_latent(self, X, n_samples=1, cond_mod=None, random_state=None, return_diagnostics=False):
         """Posterior draws of the latent for each row.
@@ -542,25 +511,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             trajectories) and ``"escaped_rows"`` (rows whose chains ended outside [-10, 10]^D).
         """
         n_samples = check_int(n_samples, "n_samples")
-        stats = HMCStats()
-        data, z = self._posterior(X, cond_mod, n_samples, random_state, stats)
-        z = z.astype(data.dtype, copy=False)
+        _, z, stats = self._latents(X, cond_mod, n_samples, random_state)
         return (z, stats.as_dict()) if return_diagnostics else z
-
-    def _decode(self, z: np.ndarray, output: str, seed: int, names=None) -> dict[str, np.ndarray]:
-        """Decode latents into each modality's ``output``: "mean", "predict", "probabilities" or "sample"."""
-        generator = torch.Generator(device=self._device).manual_seed(seed)
-        latent = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(self._device)
-
-        def read(decoded):
-            return decoded.sample(generator) if output == "sample" else getattr(decoded, output)()
-
-        out = {}
-        with torch.no_grad():
-            for name in names or self.modality_names_:
-                out[name] = decode_in_chunks(lambda z, name=name: read(self.module_.decode(name, z)), latent)
-                out[name] = out[name].cpu().numpy()
-        return out
 
     def predict(self, X, cond_mod=None):
         """Reconstruct every modality from the conditioning ones (imputes missing modalities).
@@ -580,30 +532,17 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             in ``fit`` (``target_routes_``), given that subset.
         """
         data, decoded = self._predictions(X, cond_mod, "predict")
-        decoded = {m: x.astype(data.dtype, copy=False) for m, x in decoded.items()}
         return rebuild_container(decoded, self._layout, data.container)
 
-    def _predictions(self, X, cond_mod, output: str, names=None):
-        """Validated data and each modality's ``output`` decoded at the posterior mean that predicts it.
-
-        That is the mean given the row's conditioning set S, or, with the amortised subset
-        posterior, given the subset of S that predicted this modality best on the validation rows
-        in ``fit`` (``target_routes_``; ``_inference.choose_target_routes``).
-        """
-        check_is_fitted(self)
-        _, data, _ = validate_X(X, layout=self._layout, estimator=self)
+    def _predictions(self, X, cond_mod, output: str, names=None) -> tuple[ModalityData, dict[str, np.ndarray]]:
+        """Each modality's ``output`` decoded at the posterior mean that predicts it
+        (``Inference.predictions``), in X's float dtype."""
+        data = self._validated(X)
+        inference = self._inference()
         conditioning = self._row_conditioning(data, cond_mod)
-        stats, latents, out = HMCStats(), {}, {}
-        for name in names or self.modality_names_:
-            mask = conditioning
-            if self.subset_posterior == "amortized":
-                mask = target_conditioning(self.module_, conditioning, name)
-            key = mask.tobytes()
-            if key not in latents:
-                latents[key] = self._latents(data, None, None, None, stats, conditioning=mask)
-            out[name] = self._decode(latents[key], output, self._inference_seed, [name])[name]
-        _warn_about_hmc(stats)
-        return data, out
+        decoded = inference.predictions(data, conditioning, output, names or self.modality_names_)
+        _warn_about_hmc(inference.stats)
+        return data, {m: x.cpu().numpy().astype(data.dtype, copy=False) for m, x in decoded.items()}
 
     def inverse_transform(self, Z):
         """Decode latents into every modality: the point prediction of each likelihood at z.
@@ -625,8 +564,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         Z = check_array(Z, dtype=[np.float32, np.float64])
         if Z.shape[1] != self.latent_dim:
             raise ValueError(f"Z has {Z.shape[1]} columns; JNFEstimator's latent_dim is {self.latent_dim}.")
-        decoded = self._decode(Z, "predict", self._inference_seed)
-        decoded = {m: x.astype(Z.dtype, copy=False) for m, x in decoded.items()}
+        decoded = self._inference().decode(torch.from_numpy(Z), "predict", self.modality_names_)
+        decoded = {m: x.cpu().numpy().astype(Z.dtype, copy=False) for m, x in decoded.items()}
         return rebuild_container(decoded, self._layout, self._fitted_container())
 
     def _fitted_container(self) -> dict:
@@ -656,8 +595,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
                 "predict_probabilities needs a bernoulli or categorical modality; decoders are "
                 f"{dict(zip(self.modality_names_, self._spec.decoders))}."
             )
-        data, decoded = self._predictions(X, cond_mod, "probabilities", names)
-        return {m: x.astype(data.dtype, copy=False) for m, x in decoded.items()}
+        return self._predictions(X, cond_mod, "probabilities", names)[1]
 
     def sample(self, n_samples=1, X=None, cond_mod=None, random_state=None, add_noise=False):
         """Generate data: from the prior (X None) or conditioned on X's modalities.
@@ -680,16 +618,19 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         n_samples = check_int(n_samples, "n_samples")
-        seed = self._call_seed(random_state)
+        output = "sample" if add_noise else "mean"
+        inference = self._inference(random_state)
         if X is None:
-            generator = torch.Generator().manual_seed(seed)
-            z = torch.randn(n_samples, self.latent_dim, generator=generator).numpy()
-            decoded = self._decode(z, "sample" if add_noise else "mean", seed + 1)
-            return rebuild_container(decoded, self._layout, self._fitted_container())
-        data, z = self._posterior(X, cond_mod, n_samples, random_state)
-        decoded = self._decode(z, "sample" if add_noise else "mean", seed + 1)
-        decoded = {m: x.astype(data.dtype, copy=False) for m, x in decoded.items()}
-        as_dict = self._layout.columns is None or data.container["kind"] == "mapping"
+            generator = torch.Generator().manual_seed(inference.settings.seed)
+            z = torch.randn(n_samples, self.latent_dim, generator=generator)
+            dtype, as_dict = np.float32, self._layout.columns is None
+        else:
+            data = self._validated(X)
+            z = inference.latents(data, self._row_conditioning(data, cond_mod), n_samples)
+            _warn_about_hmc(inference.stats)
+            dtype, as_dict = data.dtype, self._layout.columns is None or data.container["kind"] == "mapping"
+        decoded = inference.decode(z, output, self.modality_names_, seed=inference.settings.seed + 1)
+        decoded = {m: x.cpu().numpy().astype(dtype, copy=False) for m, x in decoded.items()}
         return rebuild_container(
             decoded, self._layout, {"kind": "mapping", "type": dict} if as_dict else {"kind": "array"}
         )
@@ -713,26 +654,17 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         -------
         log_likelihood : ndarray of shape (n_samples,)
         """
-        check_is_fitted(self)
-        _, data, _ = validate_X(X, layout=self._layout, estimator=self)
+        data = self._validated(X)
+        inference = self._inference()
         if cond_mod is None:
             self._row_conditioning(data, None)  # a row observing nothing is an error naming it
-            with torch.no_grad():
-                return marginal_log_likelihood(self.module_, data, self.n_importance_samples, self._inference_seed)
-        mask = self._conditioning(cond_mod)
-        targets = [m for m, c in zip(self.modality_names_, mask) if not c]
-        if not targets:
+            return inference.log_likelihood(data).cpu().numpy()
+        conditioning = self._conditioning(cond_mod)
+        if conditioning.all():
             raise ValueError("cond_mod names every modality; nothing is left to score.")
-        stats = HMCStats()
-        draws = self._latents(data, cond_mod, self.n_importance_samples, None, stats)
-        _warn_about_hmc(stats)
-        blocks = {m: data.blocks[m].to(self._device) for m in targets}
-        observed = None
-        if not data.observed[:, ~mask].all():
-            observed = torch.from_numpy(data.observed[:, ~mask].astype(np.float64)).to(self._device)
-        with torch.no_grad():
-            draws = torch.from_numpy(draws).to(self._device)
-            log_p = conditional_log_likelihood(self.module_, blocks, targets, draws, observed)
+        self._row_conditioning(data, cond_mod)
+        log_p = inference.log_likelihood(data, conditioning)
+        _warn_about_hmc(inference.stats)
         return log_p.cpu().numpy()
 
     def score(self, X, y=None):

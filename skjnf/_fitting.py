@@ -15,19 +15,19 @@ from sklearn.linear_model import RidgeCV
 from ._batch import StageBatch
 from ._contracts import check_contracts
 from ._distributions import reparameterize
-from ._inference import choose_target_routes, frozen_inference, joint_posterior
 from ._modules import (
     TRUNK_CACHE_BYTES,
     JNFModule,
     UnimodalEncoder,
-    choose_subset_routes,
+    frozen_inference,
     stage1_loss,
     stage2_expert_rows,
     stage2_noise_dim,
     stage2_row_counts,
     stage2_terms,
-    subsets_by_size,
 )
+from ._posteriors import joint_posterior
+from ._routing import choose_subset_routes, choose_target_routes, subsets_by_size
 from ._spec import ModelSpec, build_module
 from ._training import STAGES, StageModule, train_stage
 from ._validation import Layout, ModalityData

@@ -22,8 +22,9 @@ def flow_jacobian(flow: torch.nn.Module, z: Tensor) -> Tensor:
     return grad.transpose(0, 1)  # (n, D_u, D_z)
 
 
-def linearized_expert(flow: torch.nn.Module, base: tuple[Tensor, Tensor], scale_tril: Tensor, centre: Tensor):
-    """Gaussian approximation of an expert z = f⁻¹(u), u ~ N(μ, σ²), in the aggregate posterior's
+def linearized_expert(expert, scale_tril: Tensor, centre: Tensor):
+    """Gaussian approximation of an expert z = f⁻¹(u), u ~ N(μ, σ²) (a
+    :class:`~skjnf._distributions.FlowDistribution`), in the aggregate posterior's
     whitened coordinates y = L⁻¹(z − m): its mean ȳ (n, D) and precision Λ (n, D, D).
 
     Linearising f at z̄ = f⁻¹(μ) (the delta method): Λ = (diag(σ⁻¹) J L)ᵀ (diag(σ⁻¹) J L), with J
@@ -31,10 +32,10 @@ def linearized_expert(flow: torch.nn.Module, base: tuple[Tensor, Tensor], scale_
     direction is left wider than the aggregate posterior the experts integrate to (the product
     stays proper; a wider linearisation comes from a flow's curvature far in its tails).
     """
-    mean, log_var = base
+    log_var = expert.log_var
     with torch.no_grad():
-        z, _ = flow.inverse(mean)
-    jacobian = flow_jacobian(flow, z).detach()
+        z = expert.base_mean_image()
+    jacobian = flow_jacobian(expert.flow, z).detach()
     tril = scale_tril.to(torch.float64)  # float64: precisions of tight experts reach 1e6 and more
     scaled = torch.exp(-0.5 * log_var.to(torch.float64))[..., None] * (jacobian.to(torch.float64) @ tril)
     eigenvalues, vectors = torch.linalg.eigh(scaled.transpose(1, 2) @ scaled)

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._chunks import row_chunks
-from ._distributions import expert_log_prob, std_normal_log_prob
+from ._distributions import FlowDistribution, std_normal_log_prob
 from ._validation import check_int
 
 __all__ = [
@@ -27,8 +27,8 @@ __all__ = [
     "hmc_sample",
 ]
 
-#: One expert q_j(z | x_j): base mean (n, D), base log-variance (n, D) and flow f_j (z -> u).
-Expert = tuple[Tensor, Tensor, nn.Module]
+#: One expert q_j(z | x_j) of the n rows: base mean and log-variance (n, D) and flow f_j (z -> u).
+Expert = FlowDistribution
 
 #: Most chains x rows simulated at once (docs/algorithm.md §4.3 item 2: at most 2**14 on CPU);
 #: rows are chunked above it. On CPU small chunks keep the MADE activations in cache: 4,000 rows
@@ -108,7 +108,7 @@ def product_of_experts_log_prob(
     ``divisor`` is log r: the prior N(0, I) by default (the paper's product), or the experts'
     own marginal, the joint encoder's aggregate posterior (docs/algorithm.md §4.2).
     """
-    log_prob = sum(expert_log_prob(z, mean, log_var, flow) for mean, log_var, flow in experts)
+    log_prob = sum(expert.log_prob(z) for expert in experts)
     return log_prob - (len(experts) - 1) * divisor(z)
 
 
@@ -127,8 +127,8 @@ def _log_target_and_grad(z: Tensor, target: LogTarget) -> tuple[Tensor, Tensor]:
 
 def _initial_positions(experts: Sequence[Expert], n_chains: int, generator: torch.Generator) -> Tensor:
     """One draw per chain from a uniformly chosen expert, z = f_j⁻¹(u) with u ~ N(μ_j, σ_j²)."""
-    means = torch.stack([mean for mean, _, _ in experts])  # (s, n, D)
-    stds = torch.stack([torch.exp(0.5 * log_var) for _, log_var, _ in experts])
+    means = torch.stack([expert.loc for expert in experts])  # (s, n, D)
+    stds = torch.stack([torch.exp(0.5 * expert.log_var) for expert in experts])
     n_rows, dim = means.shape[1:]
     device, dtype = means.device, means.dtype
     choice = torch.randint(len(experts), (n_chains, n_rows), generator=generator, device=device)
@@ -137,15 +137,15 @@ def _initial_positions(experts: Sequence[Expert], n_chains: int, generator: torc
     base = means[choice, rows] + stds[choice, rows] * noise  # (C, n, D)
     z = torch.empty_like(base)
     # Only the chains assigned to expert j go through its (sequential, costly) inverse.
-    for j, (_, _, flow) in enumerate(experts):
+    for j, expert in enumerate(experts):
         picked = choice == j
-        z[picked] = flow.inverse(base[picked])[0]
+        z[picked] = expert.flow.inverse(base[picked])[0]
     return z
 
 
 def _initial_step_size(experts: Sequence[Expert]) -> Tensor:
     """ε₀ per row: half the smallest expert's mean base standard deviation."""
-    mean_stds = torch.stack([torch.exp(0.5 * log_var).mean(-1) for _, log_var, _ in experts])
+    mean_stds = torch.stack([torch.exp(0.5 * expert.log_var).mean(-1) for expert in experts])
     return (0.5 * mean_stds.min(0).values).clamp(*STEP_SIZE_BOUNDS)
 
 
@@ -342,8 +342,9 @@ def _check_arguments(
     """Raise ValueError naming the first invalid argument of :func:`hmc_sample`."""
     if len(experts) == 0:
         raise ValueError("hmc_sample needs at least one expert; got an empty sequence.")
-    shape = experts[0][0].shape
-    for j, (mean, log_var, _) in enumerate(experts):
+    shape = experts[0].loc.shape
+    for j, expert in enumerate(experts):
+        mean, log_var = expert.loc, expert.log_var
         if mean.ndim != 2 or mean.shape != shape or log_var.shape != shape:
             raise ValueError(
                 f"Expert {j}: mean and log-variance must both have the shape (n, D) = {tuple(shape)} "
@@ -375,9 +376,9 @@ def hmc_sample(
 
     Parameters
     ----------
-    experts : sequence of (mean, log_var, flow)
-        The s experts of the conditioning set, encoder outputs already computed for the n rows
-        (each (n, D)); ``flow(z)`` returns ``(u, log_det)`` and ``flow.inverse(u)`` ``(z, _)``.
+    experts : sequence of FlowDistribution
+        The s experts of the conditioning set, for the n rows (base mean and log-variance
+        (n, D) each); ``flow(z)`` returns ``(u, log_det)`` and ``flow.inverse(u)`` ``(z, _)``.
     n_chains : int
         Independent chains per row, C.
     n_steps : int
@@ -433,22 +434,23 @@ def hmc_sample(
     ...         return z, z.new_zeros(z.shape[:-1])
     ...     def inverse(self, u):
     ...         return u, u.new_zeros(u.shape[:-1])
-    >>> expert = (torch.ones(2, 3), torch.zeros(2, 3), Identity())
+    >>> from skjnf._distributions import FlowDistribution
+    >>> expert = FlowDistribution(torch.ones(2, 3), torch.zeros(2, 3), Identity())
     >>> result = hmc_sample([expert, expert], 16, 20, 5, generator=torch.Generator().manual_seed(0))
     >>> result.mean.shape, result.draws.shape
     (torch.Size([2, 3]), torch.Size([16, 2, 3]))
     """
     _check_arguments(experts, n_chains, n_steps, n_leapfrog, step_size)
     if generator is None:
-        generator = torch.Generator(device=experts[0][0].device)
-    n_rows = experts[0][0].shape[0]
+        generator = torch.Generator(device=experts[0].loc.device)
+    n_rows = len(experts[0])
     if max_chain_rows is None:
-        is_cuda = experts[0][0].device.type == "cuda"
+        is_cuda = experts[0].loc.device.type == "cuda"
         max_chain_rows = MAX_CHAIN_ROWS_CUDA if is_cuda else MAX_CHAIN_ROWS_CPU
     parts = row_chunks(n_rows, n_chains, max_chain_rows)
     chunks = []
     for index, rows in enumerate(parts):
-        chunk_experts = [(mean[rows], log_var[rows], flow) for mean, log_var, flow in experts]
+        chunk_experts = [expert.rows(rows) for expert in experts]
         if log_target is None:
             target = partial(product_of_experts_log_prob, experts=chunk_experts)
         else:
@@ -462,7 +464,7 @@ def hmc_sample(
 def _concatenate(chunks: list[HMCResult], experts: Sequence[Expert], n_chains: int) -> HMCResult:
     """Join per-chunk results along the row axis."""
     if not chunks:
-        mean = experts[0][0]
+        mean = experts[0].loc
         return HMCResult(
             mean=mean.clone(),
             draws=mean.new_empty((n_chains, *mean.shape)),

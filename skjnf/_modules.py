@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from ._batch import StageBatch
 from ._distributions import (
-    expert_log_prob,
+    FlowDistribution,
     gaussian_log_prob,
     reparameterize,
     softclamp,
@@ -36,9 +37,8 @@ __all__ = [
     "stage2_row_counts",
     "stage2_expert_rows",
     "random_subset_masks",
-    "choose_subset_routes",
-    "fitted_choices",
     "TRUNK_CACHE_BYTES",
+    "frozen_inference",
 ]
 
 
@@ -450,13 +450,14 @@ class JNFModule(nn.Module):
         inputs = [self.encoder_input(j, blocks[name], clip=False) for j, name in enumerate(self.names)]
         return self.joint_encoder(inputs, observed)
 
-    def expert_posterior(self, name: str, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(mean, log-variance) of expert ``name``'s base Gaussian."""
+    def expert(self, name: str, x: Tensor) -> FlowDistribution:
+        """Expert ``name``'s posterior q_j(z | x_j) of the rows of block ``x`` (n, d_j)."""
         j = self.index(name)
-        return self.encoders[j](self.encoder_input(j, x))
+        return FlowDistribution(*self.encoders[j](self.encoder_input(j, x)), self.flows[j])
 
-    def expert_log_prob(self, name: str, z: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
-        return expert_log_prob(z, mean, log_var, self.flows[self.index(name)])
+    def subset(self, blocks: dict[str, Tensor], mask: Tensor, trunk_features: Tensor | None = None) -> FlowDistribution:
+        """The subset posterior q_S(z | x_S) of the rows of ``blocks``, S marked by ``mask`` (n, M)."""
+        return FlowDistribution(*self.subset_posterior(blocks, mask, trunk_features), self.subset_flow)
 
     def subset_posterior(
         self, blocks: dict[str, Tensor], mask: Tensor, trunk_features: Tensor | None = None
@@ -701,83 +702,25 @@ def stage2_noise_dim(module: JNFModule) -> int:
     return module.latent_dim + (SUBSET_DRAWS * (len(module.names) + 1) if module.subset_encoder is not None else 0)
 
 
-def subsets_by_size(n_modalities: int):
-    """(bitmask, member indices) of every non-empty proper subset of M modalities, smallest first."""
-    for bits in sorted(range(1, 2**n_modalities - 1), key=lambda b: bin(b).count("1")):
-        yield bits, [j for j in range(n_modalities) if bits >> j & 1]
+@contextmanager
+def frozen_inference(module: nn.Module):
+    """``eval()``, ``no_grad`` and every parameter's ``requires_grad`` off; all restored afterwards.
 
-
-def pick_route(bits: int, members: list[int], used, row_loss, rows: Tensor) -> int:
-    """The posterior subset ``bits`` (S) uses, going up by size: its own unless S minus one member
-    already does better through whatever that one uses (``used(smaller bitmask)``), judged by the
-    mean of ``row_loss(bitmask)`` (n,) over ``rows``; with no rows to judge, its own."""
-    if not rows.any():
-        return bits
-    candidates = [bits] + [used(bits & ~(1 << j)) for j in members]
-    return min(candidates, key=lambda c: float(row_loss(c)[rows].mean()))
-
-
-def subset_label(names, bits: int) -> str:
-    """``"a+c"`` for the modalities a bitmask marks."""
-    return "+".join(name for j, name in enumerate(names) if bits >> j & 1)
-
-
-def fitted_choices(module: JNFModule) -> dict:
-    """The choices ``fit`` made, read from the module's buffers (their one home), as labels:
-    ``{"subset_routes": {"a+b+c": "a+c"}, "target_routes": {"a+b": {"c": "a"}},
-    "product_subsets": ["a+b"]}``, each listing only the subsets that do not use their own
-    posterior (routes) or that use the Gaussian product (products)."""
-    names, n = module.names, len(module.names)
-    routes, targets = module.subset_routes.tolist(), module.target_routes.tolist()  # empty when not chosen
-    subset_routes, target_routes = {}, {}
-    for bits, members in subsets_by_size(n):
-        if len(members) < 2:
-            continue
-        if routes and routes[bits] != bits:
-            subset_routes[subset_label(names, bits)] = subset_label(names, routes[bits])
-        for t in range(n):
-            if targets and not bits >> t & 1 and targets[bits][t] != bits:
-                used = subset_label(names, targets[bits][t])
-                target_routes.setdefault(subset_label(names, bits), {})[names[t]] = used
-    products = [subset_label(names, bits) for bits in module.subset_products.nonzero().flatten().tolist()]
-    return {"subset_routes": subset_routes, "target_routes": target_routes, "product_subsets": products}
-
-
-@torch.no_grad()
-def choose_subset_routes(module: JNFModule, batch: StageBatch, noise: Tensor) -> dict[str, str]:
-    """Route each subset S of 2..M-1 modalities to the posterior, among S's and its subsets', that
-    fits held-out rows best.
-
-    ``batch`` holds validation rows with their frozen joint posterior (``joint_mean``,
-    ``joint_log_var``) and ``noise[:, :D]`` draws z from it. Each posterior's loss is its mean
-    −log q(z | x_T) there: the expert's for one modality, the subset posterior's for 2..M-1.
-    Going up by size, S keeps its own posterior unless some S minus one modality already does
-    better (whatever that one routes to): so held-out fit never gets worse as modalities are
-    added. This is model selection on the stage-2 objective, the one every posterior was trained
-    on; it needs 2^M passes of the subset encoder over the validation rows, so it runs for
-    M <= ``MAX_ROUTED_MODALITIES``. Given ``batch.observed`` (n, M), S is judged on the rows observing
-    all of S (it keeps its own posterior when there are none). ``module.subset_routes[S]`` gets
-    the bitmask of the subset to use; returns ``{"a+b+c": "a+c"}`` for the subsets routed elsewhere.
+    For ``fit``'s own passes over a module it is still training (the contract probe, route
+    choices, calibration); a fitted module is frozen once at the end of ``fit`` and inference
+    only adds ``torch.no_grad()``, so threads sharing it never write on it.
     """
-    n_modalities, routes = len(module.names), module.subset_routes
-    if routes.numel() == 0:
-        return {}
-    blocks, observed = batch.blocks, batch.observed
-    z = reparameterize(batch.joint_mean, batch.joint_log_var, noise[:, : module.latent_dim])
-    has = torch.ones(len(z), n_modalities, dtype=torch.bool, device=z.device) if observed is None else observed > 0
-    row_losses = {}  # bitmask -> per-row −log q of its own posterior (n,)
-    used = {}  # bitmask -> bitmask of the posterior it uses
-    for j, name in enumerate(module.names):
-        row_losses[1 << j] = -module.expert_log_prob(name, z, *module.expert_posterior(name, blocks[name]))
-        used[1 << j] = 1 << j
-    for bits, members in subsets_by_size(n_modalities):
-        if len(members) < 2:
-            continue
-        mask = torch.zeros(len(z), n_modalities, device=z.device)
-        mask[:, members] = 1.0
-        mean, log_var = module.subset_posterior(blocks, mask, batch.trunk_features)
-        row_losses[bits] = -expert_log_prob(z, mean, log_var, module.subset_flow)
-        used[bits] = pick_route(bits, members, used.__getitem__, row_losses.__getitem__, has[:, members].all(1))
-        routes[bits] = used[bits]
-    names = module.names
-    return {subset_label(names, bits): subset_label(names, target) for bits, target in used.items() if target != bits}
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    was_training = module.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        if was_training:
+            module.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if was_training:
+            module.train()

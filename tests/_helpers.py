@@ -60,7 +60,7 @@ def own_posteriors_misplaced(module, flow: bool, product: bool, monkeypatch):
     """Shift the subset flow's and/or the product's latents by 20: such a posterior never predicts best."""
     import torch
 
-    from skjnf._inference import ProductPosterior
+    from skjnf._posteriors import ProductPosterior
 
     if product:
         mean = ProductPosterior.mean

@@ -10,6 +10,7 @@ from _helpers import small_jnf
 import skjnf._fitting as fitting
 from skjnf._hmc import _RunningVariance
 from skjnf._inference import pattern_generator
+from skjnf._posteriors import HMCSettings
 
 
 def test_validation_rows_are_never_trained_on(monkeypatch):
@@ -69,7 +70,7 @@ def test_running_variance_pools_batches_exactly():
 def test_posterior_mean_uses_enough_chains_for_n_posterior_samples():
     """Mutation caught: the number of HMC chains of a posterior mean (kept positions per row)."""
     for samples, steps in ((20, 20), (8, 10), (1, 1), (33, 7)):
-        settings = small_jnf(n_posterior_samples=samples, n_mcmc_steps=steps)._hmc_settings()
+        settings = HMCSettings.for_mean(samples, steps, 5, "auto")
         kept = steps - steps // 2
         assert settings.n_chains == math.ceil(samples / kept)
         assert settings.n_chains * kept >= samples > (settings.n_chains - 1) * kept

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from _helpers import own_posteriors_misplaced
 
+from skjnf._distributions import FlowDistribution
 from skjnf._flows import MAF, _randomize_
 from skjnf._gaussian_product import GaussianProduct, flow_jacobian, linearized_expert
 
@@ -54,7 +55,7 @@ def test_linearised_affine_expert_is_its_exact_gaussian_in_whitened_coordinates(
     tril = torch.linalg.cholesky(torch.tensor([[2.0, 0.3, 0.0], [0.3, 1.0, 0.2], [0.0, 0.2, 0.5]], dtype=torch.float64))
     centre = torch.tensor([0.5, -1.0, 0.2], dtype=torch.float64)
     mean, covariance = _exact_moments(flow, base)
-    y, precision = linearized_expert(flow, base, tril, centre)
+    y, precision = linearized_expert(FlowDistribution(*base, flow), tril, centre)
     torch.testing.assert_close(y, torch.linalg.solve(tril, (mean - centre).T).T)
     torch.testing.assert_close(precision, tril.T @ torch.linalg.inv(covariance) @ tril)
 
@@ -63,7 +64,7 @@ def test_no_direction_of_a_linearised_expert_is_wider_than_the_aggregate():
     identity = AffineFlow(torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
     base = (torch.zeros(1, 2, dtype=torch.float64), torch.log(torch.tensor([[4.0, 0.25]], dtype=torch.float64)))
     eye, zero = torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-    _, precision = linearized_expert(identity, base, eye, zero)
+    _, precision = linearized_expert(FlowDistribution(*base, identity), eye, zero)
     torch.testing.assert_close(precision[0], torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64)))
 
 
@@ -74,7 +75,9 @@ def test_product_of_gaussian_experts_is_the_closed_form_divided_by_the_aggregate
     tril = torch.linalg.cholesky(torch.tensor([[3.0, 0.5, 0.1], [0.5, 2.0, 0.0], [0.1, 0.0, 1.5]], dtype=torch.float64))
     centre = torch.tensor([0.3, 0.0, -0.4], dtype=torch.float64)
     experts = [_random_gaussian_expert(g) for _ in range(3)]
-    product = GaussianProduct([linearized_expert(f, b, tril, centre) for f, b in experts], tril, centre)
+    product = GaussianProduct(
+        [linearized_expert(FlowDistribution(*b, f), tril, centre) for f, b in experts], tril, centre
+    )
     moments = [_exact_moments(f, b) for f, b in experts]
     aggregate_precision = torch.linalg.inv(tril @ tril.T)
     precision = sum(torch.linalg.inv(S) for _, S in moments) - 2 * aggregate_precision
@@ -88,7 +91,8 @@ def test_product_of_gaussian_experts_is_the_closed_form_divided_by_the_aggregate
 
 
 def test_fit_uses_the_product_where_it_predicts_held_out_rows_better_than_the_subset_flow(fitted, views, monkeypatch):
-    from skjnf._inference import ProductPosterior, choose_target_routes
+    from skjnf._posteriors import ProductPosterior
+    from skjnf._routing import choose_target_routes
 
     X, _, _ = views
     est = copy.deepcopy(fitted)

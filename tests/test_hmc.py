@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from skjnf._distributions import FlowDistribution
 from skjnf._hmc import _initial_positions, hmc_sample, product_of_experts_log_prob
 
 N_CHAINS, N_STEPS, N_LEAPFROG = 4000, 200, 10
@@ -37,7 +38,7 @@ class BrokenOutsideBall(IdentityFlow):
 def gaussian_experts(means, variances, flow=None):
     """Experts (mean, log_var, flow) from tensors of shape (s, n, D)."""
     flow = IdentityFlow() if flow is None else flow
-    return [(mean, variance.log(), flow) for mean, variance in zip(means, variances)]
+    return [FlowDistribution(mean, variance.log(), flow) for mean, variance in zip(means, variances)]
 
 
 def exact_posterior(means, variances, prior_exponent=None):
@@ -238,8 +239,8 @@ def test_invalid_arguments_are_rejected(kwargs, message):
 
 def test_mismatched_expert_shapes_are_rejected():
     experts = [
-        (torch.zeros(3, 2), torch.zeros(3, 2), IdentityFlow()),
-        (torch.zeros(4, 2), torch.zeros(4, 2), IdentityFlow()),
+        FlowDistribution(torch.zeros(3, 2), torch.zeros(3, 2), IdentityFlow()),
+        FlowDistribution(torch.zeros(4, 2), torch.zeros(4, 2), IdentityFlow()),
     ]
     with pytest.raises(ValueError, match="Expert 1"):
         hmc_sample(experts, 2, 2, 1)

@@ -9,10 +9,11 @@ import torch
 from _helpers import small_jnf
 from sklearn.base import clone
 
-import skjnf._inference as inference
+import skjnf._posteriors as posteriors
+from skjnf._distributions import FlowDistribution
 from skjnf._flows import _randomize_
 from skjnf._hmc import hmc_sample
-from skjnf._inference import frozen_inference
+from skjnf._modules import frozen_inference
 
 
 def test_one_modality_mean_is_the_monte_carlo_mean_not_the_flow_image(views):
@@ -29,8 +30,8 @@ def test_one_modality_mean_is_the_monte_carlo_mean_not_the_flow_image(views):
     x = {"a": X["a"][:4]}
     with torch.no_grad():  # an aggregate posterior wide enough that no draw counts as a far tail
         jnf.module_.aggregate_scale_tril.copy_(100.0 * torch.eye(2))
-        mean, log_var = jnf.module_.expert_posterior("a", torch.tensor(x["a"], dtype=torch.float32))
-        image, _ = flow.inverse(mean)
+        expert = jnf.module_.expert("a", torch.tensor(x["a"], dtype=torch.float32))
+        mean, log_var, image = expert.loc, expert.log_var, expert.base_mean_image()
         g = torch.Generator().manual_seed(0)
         u = mean + torch.exp(0.5 * log_var) * torch.randn(100_000, *mean.shape, generator=g)
         draws, _ = flow.inverse(u.reshape(-1, 2))
@@ -51,7 +52,8 @@ def test_a_gaussian_experts_posterior_mean_is_its_mean_from_few_draws(fitted, k)
     module = fitted.module_
     center = module.aggregate_mean.expand(5, -1)  # draws symmetric about the support's centre
     log_var = torch.full_like(center, -4.0)
-    posterior = inference.FlowPosterior(module, lambda part: (center[part], log_var[part]), IdentityFlow(), 5)
+    density = FlowDistribution(center, log_var, IdentityFlow())
+    posterior = posteriors.FlowPosterior(module, density.rows, 5)
     with frozen_inference(module):
         z = posterior.mean(k, torch.Generator().manual_seed(k))
         spread = posterior.sample(64, torch.Generator().manual_seed(k)).std(0)
@@ -92,10 +94,7 @@ def test_more_modalities_never_widen_the_posterior(fitted, views):
         widths.append(draws.var(axis=0).sum(axis=1).mean())
     module = fitted.module_
     with frozen_inference(module):  # all three experts: the API would use the joint encoder instead
-        experts = [
-            (*module.expert_posterior(m, torch.tensor(X[m], dtype=torch.float32)), module.flows[j])
-            for j, m in enumerate("abc")
-        ]
+        experts = [module.expert(m, torch.tensor(X[m], dtype=torch.float32)) for m in "abc"]
         draws = hmc_sample(experts, 64, 20, 5, "auto", torch.Generator().manual_seed(0)).draws
     widths.append(draws.var(dim=0).sum(dim=1).mean().item())
     assert widths[0] >= widths[1] >= widths[2], widths
@@ -178,8 +177,8 @@ def test_joint_inference_in_row_chunks_equals_one_pass(fitted, views, monkeypatc
     X, _, _ = views
     whole, predicted = fitted.transform(X), fitted.predict({"a": X["a"]})
     log_p, log_p_given_a = fitted.score_samples(X), fitted.score_samples(X, cond_mod="a")
-    monkeypatch.setitem(inference.MAX_BATCH_ELEMENTS, "cpu", 4 * inference.JOINT_ROW_COST)  # chunks of 4 rows
-    monkeypatch.setitem(inference.DECODE_BATCH_ELEMENTS, "cpu", 5)  # importance samples split too (K = 16)
+    monkeypatch.setitem(posteriors.MAX_BATCH_ELEMENTS, "cpu", 4 * posteriors.JOINT_ROW_COST)  # chunks of 4 rows
+    monkeypatch.setitem(posteriors.DECODE_BATCH_ELEMENTS, "cpu", 5)  # importance samples split too (K = 16)
     np.testing.assert_allclose(fitted.transform(X), whole, atol=1e-5)
     np.testing.assert_allclose(fitted.score_samples(X), log_p, rtol=1e-6, atol=1e-4)
     # draws through the sequential MAF inverse: float32 rounding grows to ~1e-5 (relative)

@@ -11,8 +11,9 @@ import torch
 from _helpers import make_views, normal_module, own_posteriors_misplaced, small_jnf, validation_rows
 
 import skjnf._fitting as fitting
-import skjnf._inference as inference
-from skjnf._distributions import expert_log_prob, std_normal_log_prob
+import skjnf._posteriors as posteriors
+import skjnf._routing as routing
+from skjnf._distributions import std_normal_log_prob
 from skjnf._flows import _randomize_
 from skjnf._gaussian_product import GaussianProduct, linearized_expert
 from skjnf._likelihoods import SCALE_FLOOR_FRACTION, make_likelihood
@@ -42,14 +43,9 @@ def test_product_posterior_linearises_each_expert_of_the_product(fitted, views):
     _randomized(module)
     blocks = _blocks(X)
     with torch.no_grad():
-        got = inference.ProductPosterior(module, blocks, ["a", "b"], len(X["a"])).mean(1, None)
+        got = routing.ProductPosterior(module, blocks, ["a", "b"], len(X["a"])).mean(1, None)
         experts = [
-            linearized_expert(
-                module.flows[module.index(m)],
-                module.expert_posterior(m, blocks[m]),
-                module.aggregate_scale_tril,
-                module.aggregate_mean,
-            )
+            linearized_expert(module.expert(m, blocks[m]), module.aggregate_scale_tril, module.aggregate_mean)
             for m in ("a", "b")
         ]
         expected = GaussianProduct(experts, module.aggregate_scale_tril, module.aggregate_mean).mean()
@@ -70,14 +66,14 @@ def test_target_routes_judge_each_target_on_the_rows_observing_it(fitted, views,
     observed[~observed.any(1), 1] = True
     blocks = {m: x * torch.from_numpy(observed[:, j : j + 1]) for j, (m, x) in enumerate(_blocks(X).items())}
     seen = {}
-    pick = inference.pick_route
+    pick = routing.pick_route
 
     def spy(bits, members, used, row_loss, rows):
         seen[bits] = rows.clone()
         return pick(bits, members, used, row_loss, rows)
 
-    monkeypatch.setattr(inference, "pick_route", spy)
-    inference.choose_target_routes(module, blocks, torch.from_numpy(observed.astype(np.float32)), 4, 0)
+    monkeypatch.setattr(routing, "pick_route", spy)
+    routing.choose_target_routes(module, blocks, torch.from_numpy(observed.astype(np.float32)), 4, 0)
     for pair in PAIRS:
         target = next(m for m in "abc" if m not in pair)
         expected = observed[:, [module.index(m) for m in [*pair, target]]].all(1)
@@ -97,8 +93,8 @@ def test_where_the_product_is_a_subsets_posterior_its_routes_compare_the_product
     own_posteriors_misplaced(module, flow=True, product=False, monkeypatch=monkeypatch)
     with torch.no_grad():
         oracle = module.joint_posterior(blocks)[0]
-    monkeypatch.setattr(inference.ProductPosterior, "mean", lambda self, *args: oracle)
-    inference.choose_target_routes(module, blocks, None, 4, 0)
+    monkeypatch.setattr(routing.ProductPosterior, "mean", lambda self, *args: oracle)
+    routing.choose_target_routes(module, blocks, None, 4, 0)
     for pair in PAIRS:
         bits = module.bitmask(pair)
         target = module.index(next(m for m in "abc" if m not in pair))
@@ -115,12 +111,11 @@ def test_a_subset_routed_to_one_expert_uses_that_experts_flow_whatever_its_own_p
     module.subset_routes[bits] = module.bitmask(["a"])
     module.subset_products[bits] = True
     blocks = _blocks(X)
-    found = inference.routed_posterior(module, blocks, ["a", "b"])
-    assert isinstance(found, inference.FlowPosterior)
+    found = routing.routed_posterior(module, blocks, ["a", "b"])
+    assert isinstance(found, routing.FlowPosterior)
     with torch.no_grad():
         means = [
-            f.mean(4, torch.Generator().manual_seed(0))
-            for f in (found, inference.flow_posterior(module, blocks, ["a"]))
+            f.mean(4, torch.Generator().manual_seed(0)) for f in (found, routing.flow_posterior(module, blocks, ["a"]))
         ]
     torch.testing.assert_close(means[0], means[1], rtol=0, atol=0)
 
@@ -161,12 +156,11 @@ def test_flow_proposal_density_is_the_experts_density_at_its_draws():
     module = _randomized(normal_module())
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(5, 2, generator=generator)
-    found = inference.flow_posterior(module, {"m1": x}, ["m1"])
+    found = routing.flow_posterior(module, {"m1": x}, ["m1"])
     noise = torch.randn(7, 1, module.latent_dim, generator=generator)
     with torch.no_grad():
         z, log_q = found.propose(slice(0, 5), noise)
-        mean, log_var = module.expert_posterior("m1", x)
-        expected = expert_log_prob(z, mean, log_var, module.flows[1])
+        expected = module.expert("m1", x).log_prob(z)
     assert (expected - gaussian_part(found, noise)).abs().max() > 0.1  # the flow is not volume-preserving
     torch.testing.assert_close(log_q, expected, rtol=1e-5, atol=1e-4)
 
@@ -175,7 +169,8 @@ def gaussian_part(found, noise):
     """log N(u; μ, σ²) of the base draws alone (what the density would be without the log-det)."""
     from skjnf._distributions import gaussian_log_prob, reparameterize
 
-    mean, log_var = found.encode(slice(0, 5))
+    base = found.density(slice(0, 5))
+    mean, log_var = base.loc, base.log_var
     return gaussian_log_prob(reparameterize(mean, log_var, noise), mean, log_var)
 
 
@@ -233,8 +228,8 @@ def test_sample_latent_and_sample_follow_their_random_state(fitted, views):
 
 
 def _hmc_target(method, module, blocks, cond):
-    experts = [(*module.expert_posterior(m, blocks[m]), module.flows[module.index(m)]) for m in cond]
-    return inference._subset_log_target(module, blocks, cond, experts, method), experts
+    experts = [module.expert(m, blocks[m]) for m in cond]
+    return posteriors._subset_log_target(module, blocks, cond, experts, method), experts
 
 
 def test_product_target_divides_by_the_aggregate_posterior():
@@ -250,8 +245,8 @@ def test_product_target_divides_by_the_aggregate_posterior():
     with torch.no_grad():
         log_target, experts = _hmc_target("product", module, blocks, cond)
         got = log_target(z, slice(0, 4))
-        expected = sum(expert_log_prob(z, m, v, f) for m, v, f in experts) - 2 * module.aggregate_log_prob(z)
-        prior = sum(expert_log_prob(z, m, v, f) for m, v, f in experts) - 2 * std_normal_log_prob(z)
+        expected = sum(expert.log_prob(z) for expert in experts) - 2 * module.aggregate_log_prob(z)
+        prior = sum(expert.log_prob(z) for expert in experts) - 2 * std_normal_log_prob(z)
     torch.testing.assert_close(got, expected)
     assert (got - prior).std() > 0.1  # the two divisors differ beyond a constant
 

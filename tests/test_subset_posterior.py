@@ -10,17 +10,17 @@ import torch
 from _helpers import normal_module, own_posteriors_misplaced, small_jnf
 
 import skjnf._training as training
-from skjnf._distributions import std_normal_log_prob
+from skjnf._distributions import FlowDistribution, std_normal_log_prob
 from skjnf._flows import IdentityFlow
 from skjnf._hmc import product_of_experts_log_prob
-from skjnf._inference import _supported_mean, support_radius
+from skjnf._posteriors import _supported_mean, support_radius
 
 
 def test_aggregate_divisor_equal_to_the_prior_gives_the_papers_product():
     module = normal_module()  # before stage 2 the aggregate fit is N(0, I)
     z = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(module.aggregate_log_prob(z), std_normal_log_prob(z))
-    experts = [(torch.randn(4, 3), torch.randn(4, 3).clamp(-1, 1), IdentityFlow()) for _ in range(3)]
+    experts = [FlowDistribution(torch.randn(4, 3), torch.randn(4, 3).clamp(-1, 1), IdentityFlow()) for _ in range(3)]
     torch.testing.assert_close(
         product_of_experts_log_prob(z, experts, module.aggregate_log_prob), product_of_experts_log_prob(z, experts)
     )
@@ -148,7 +148,7 @@ def test_routing_makes_held_out_fit_monotone_in_the_subsets():
     """With a subset posterior that fits worse than each of its experts, every subset is routed
     to its best expert; with one that fits better, nothing is routed."""
     from skjnf._batch import StageBatch
-    from skjnf._modules import choose_subset_routes
+    from skjnf._routing import choose_subset_routes
 
     module = normal_module(latent_dim=2, n_modalities=4)
     g = torch.Generator().manual_seed(0)
@@ -214,7 +214,7 @@ def test_inputs_inside_the_range_are_not_clipped(fitted, views):
 
 
 def test_each_target_is_predicted_from_the_subset_that_predicted_it_best_on_held_out_rows(fitted, views, monkeypatch):
-    from skjnf._inference import choose_target_routes
+    from skjnf._routing import choose_target_routes
 
     X, _, _ = views
     est = copy.deepcopy(fitted)
@@ -268,7 +268,7 @@ def test_the_choices_of_fit_are_fitted_attributes_read_from_the_module(fitted, v
     """Catches the choices of fit kept in two places that drift apart: ``subset_routes_``,
     ``target_routes_`` and ``product_subsets_`` are what the choosers returned, follow the
     module's buffers (also after pickling), and do not exist before fit."""
-    from skjnf._inference import choose_target_routes
+    from skjnf._routing import choose_target_routes
 
     X, _, _ = views
     est = copy.deepcopy(fitted)
