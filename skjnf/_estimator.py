@@ -29,7 +29,7 @@ from ._likelihoods import LIKELIHOODS
 from ._posteriors import SUBSET_POSTERIORS, HMCSettings, HMCStats
 from ._routing import fitted_choices
 from ._spec import ModelSpec, build_module, model_spec
-from ._validation import Layout, ModalityData, check_int, rebuild_container, validate_X
+from ._validation import ARRAY, MAPPING, Layout, ModalityData, check_int, validate_X
 from ._warnings import user_stacklevel
 
 __all__ = ["JNFEstimator"]
@@ -374,7 +374,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         -------
         self : JNFEstimator
         """
-        layout, data, info = validate_X(X, layout=None, modalities=self.modalities, estimator=self)
+        validated = validate_X(X, layout=None, modalities=self.modalities, name=type(self).__name__)
+        layout, data = validated.layout, validated.data
         blocks, observed = training_rows(data, layout)
         spec = model_spec(self.get_params(), layout, blocks, observed)
         device = _resolve_device(self.device)
@@ -396,9 +397,9 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         self._inference_seed = inference_seed
         self.modality_names_ = list(layout.names)
         self.modality_dims_ = dict(zip(layout.names, layout.dims))
-        self.n_features_in_ = info["n_features_in_"]
-        if info["feature_names_in_"] is not None:
-            self.feature_names_in_ = info["feature_names_in_"]
+        self.n_features_in_ = validated.n_features_in
+        if validated.feature_names_in is not None:
+            self.feature_names_in_ = validated.feature_names_in
         elif hasattr(self, "feature_names_in_"):
             del self.feature_names_in_
         self.n_training_rows_ = training_row_counts(data.observed, layout.names)
@@ -447,7 +448,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
 
     def _validated(self, X) -> ModalityData:
         check_is_fitted(self)
-        return validate_X(X, layout=self._layout, estimator=self)[1]
+        return validate_X(X, layout=self._layout, fitted=self, name=type(self).__name__).data
 
     def _row_conditioning(self, data: ModalityData, cond_mod) -> np.ndarray:
         """(n, M) mask of the modalities each row is conditioned on: observed and requested."""
@@ -532,7 +533,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             in ``fit`` (``target_routes_``), given that subset.
         """
         data, decoded = self._predictions(X, cond_mod, "predict")
-        return rebuild_container(decoded, self._layout, data.container)
+        return data.container.rebuild(decoded, self._layout)
 
     def _predictions(self, X, cond_mod, output: str, names=None) -> tuple[ModalityData, dict[str, np.ndarray]]:
         """Each modality's ``output`` decoded at the posterior mean that predicts it
@@ -566,11 +567,11 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             raise ValueError(f"Z has {Z.shape[1]} columns; JNFEstimator's latent_dim is {self.latent_dim}.")
         decoded = self._inference().decode(torch.from_numpy(Z), "predict", self.modality_names_)
         decoded = {m: x.cpu().numpy().astype(Z.dtype, copy=False) for m, x in decoded.items()}
-        return rebuild_container(decoded, self._layout, self._fitted_container())
+        return self._fitted_container().rebuild(decoded, self._layout)
 
-    def _fitted_container(self) -> dict:
+    def _fitted_container(self):
         """The container of fit's input: a dict, or one 2-D array."""
-        return {"kind": "mapping", "type": dict} if self._layout.columns is None else {"kind": "array"}
+        return MAPPING if self._layout.columns is None else ARRAY
 
     def predict_probabilities(self, X, cond_mod=None):
         """Probabilities of the bernoulli and categorical modalities, given the conditioning ones.
@@ -623,17 +624,16 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         if X is None:
             generator = torch.Generator().manual_seed(inference.settings.seed)
             z = torch.randn(n_samples, self.latent_dim, generator=generator)
-            dtype, as_dict = np.float32, self._layout.columns is None
+            dtype, container = np.float32, self._fitted_container()
         else:
             data = self._validated(X)
             z = inference.latents(data, self._row_conditioning(data, cond_mod), n_samples)
             _warn_about_hmc(inference.stats)
-            dtype, as_dict = data.dtype, self._layout.columns is None or data.container["kind"] == "mapping"
+            as_dict = self._layout.columns is None or data.container.kind == "mapping"
+            dtype, container = data.dtype, MAPPING if as_dict else ARRAY
         decoded = inference.decode(z, output, self.modality_names_, seed=inference.settings.seed + 1)
         decoded = {m: x.cpu().numpy().astype(dtype, copy=False) for m, x in decoded.items()}
-        return rebuild_container(
-            decoded, self._layout, {"kind": "mapping", "type": dict} if as_dict else {"kind": "array"}
-        )
+        return container.rebuild(decoded, self._layout)
 
     def score_samples(self, X, cond_mod=None):
         """Estimated log-likelihood of each row.

@@ -12,7 +12,7 @@ from sklearn.utils._param_validation import HasMethods, StrOptions
 from sklearn.utils.validation import _get_feature_names, check_is_fitted
 
 from ._estimator import JNFEstimator
-from ._validation import as_table, resolve_layout, table_container, validate_X
+from ._validation import Container, resolve_layout, validate_X
 
 __all__ = ["JNFImputer"]
 
@@ -197,7 +197,7 @@ class JNFImputer(TransformerMixin, BaseEstimator):
         estimator = self.estimator_
         X, values = self._partial_cells_read_as_means(X)
         # the estimator's own checks: feature names and count, partial NaN inside a block
-        _, data, _ = validate_X(X, layout=estimator._layout, estimator=estimator)
+        data = validate_X(X, layout=estimator._layout, fitted=estimator, name=type(estimator).__name__).data
         missing = ~data.observed
         empty = np.flatnonzero(missing.all(axis=1))
         if len(empty):
@@ -214,7 +214,7 @@ class JNFImputer(TransformerMixin, BaseEstimator):
             values[rows] = np.where(cells[rows], filled, values[rows])
         if self.add_indicator:
             values = np.hstack([values, missing.astype(np.float64)])
-        return as_table(values, table_container(X), self.get_feature_names_out())
+        return Container.of_table(X).table(values, self.get_feature_names_out())
 
     def _partial_cells_read_as_means(self, X):
         """(X with its partial NaN cells read as the training column means, its values as float64)."""
@@ -232,7 +232,7 @@ class JNFImputer(TransformerMixin, BaseEstimator):
             partial[:, cols] = nan & ~nan.all(axis=1, keepdims=True)
         if self.partial_nan == "error" or not partial.any():
             return X
-        return as_table(np.where(partial, means, values), table_container(X))
+        return Container.of_table(X).table(np.where(partial, means, values))
 
     def score(self, X, y=None):
         """Mean held-out log-likelihood of each row's observed values (``JNFEstimator.score``).

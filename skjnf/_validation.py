@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Integral
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.base import clone
+from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_array, validate_data
 
 __all__ = [
+    "Container",
     "Layout",
     "ModalityData",
+    "Validated",
     "modalities_from_prefix",
     "resolve_layout",
     "validate_X",
-    "rebuild_container",
-    "table_container",
-    "as_table",
 ]
 
 _FLOAT_DTYPES = (np.float64, np.float32)
@@ -42,6 +41,61 @@ class Layout:
         return (self.dim(name),) if self.shapes is None else self.shapes[self.names.index(name)]
 
 
+@dataclass(frozen=True)
+class Container:
+    """The container the user passed, to give outputs back in: a mapping of modalities (``type``:
+    dict, SliceDict, ...), a numpy array, or a pandas / polars DataFrame (``columns``, ``index``)."""
+
+    kind: str  # "mapping", "array", "dataframe" or "polars"
+    type: type | None = None
+    columns: object = None
+    index: object = None
+
+    @classmethod
+    def of_table(cls, X) -> Container:
+        """The container of a 2-D table X."""
+        if hasattr(X, "columns") and hasattr(X, "index"):
+            return cls("dataframe", columns=X.columns, index=X.index)
+        if type(X).__module__.startswith("polars"):
+            return cls("polars", columns=list(X.columns))
+        return cls("array")
+
+    def table(self, values: np.ndarray, columns=None):
+        """2-D ``values`` as the table kind the user passed (a pandas or polars DataFrame, with the
+        input's column names unless ``columns`` are given), else as they are."""
+        if values.ndim != 2 or self.kind not in ("dataframe", "polars"):
+            return values
+        columns = self.columns if columns is None else columns
+        if self.kind == "dataframe":
+            import pandas as pd
+
+            return pd.DataFrame(values, columns=columns, index=self.index)
+        import polars as pl
+
+        return pl.DataFrame(values, schema=list(columns), orient="row")
+
+    def rebuild(self, arrays: dict[str, np.ndarray], layout: Layout):
+        """Per-modality outputs (rows last but one: (..., n, width)) back in this container; a
+        DataFrame only for 2-D outputs."""
+        if self.kind == "mapping":
+            arrays = {m: x.reshape(*x.shape[:-1], *layout.shape(m)) for m, x in arrays.items()}
+            for build in (lambda: self.type(arrays), lambda: self.type(**arrays)):  # dict-like, or SliceDict(**blocks)
+                try:
+                    return build()
+                except TypeError:
+                    pass
+            return dict(arrays)
+        first = next(iter(arrays.values()))
+        out = np.empty((*first.shape[:-1], sum(layout.dims)), dtype=first.dtype)  # leading dims: draws, rows
+        for modality, cols in zip(layout.names, layout.columns):
+            out[..., cols] = arrays[modality]
+        return self.table(out)
+
+
+#: A plain dict of modalities, and a plain 2-D array: what outputs without an input container use.
+MAPPING, ARRAY = Container("mapping", dict), Container("array")
+
+
 @dataclass
 class ModalityData:
     """Validated input: float32 tensors per present modality, and which rows observe what.
@@ -53,11 +107,27 @@ class ModalityData:
     blocks: dict[str, torch.Tensor]
     observed: np.ndarray  # (n_samples, n_modalities) bool, in layout order
     dtype: np.dtype
-    container: dict = field(default_factory=dict)  # how to rebuild the user's container
+    container: Container = ARRAY  # how to give outputs back
 
     @property
     def n_samples(self) -> int:
         return self.observed.shape[0]
+
+
+@dataclass(frozen=True)
+class Validated:
+    """What :func:`validate_X` returns: the layout (fit's, or the fitted one), the data, and what
+    ``fit`` records of X (``n_features_in_``, ``feature_names_in_``; None after fit)."""
+
+    layout: Layout
+    data: ModalityData
+    n_features_in: int | None = None
+    feature_names_in: np.ndarray | None = None
+
+
+class _FeatureRecord(BaseEstimator):
+    """Where scikit-learn's ``validate_data`` records X's feature count and names at fit, instead
+    of the estimator itself: a failed fit must leave the estimator as it was."""
 
 
 def check_int(value, name: str, minimum: int = 1) -> int:
@@ -193,56 +263,52 @@ def _to_tensor(block: np.ndarray, observed: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
-def validate_X(X, *, layout: Layout | None, modalities=None, estimator):
-    """Validate X (any accepted container) and return ``(layout, ModalityData, info)``.
+def validate_X(X, *, layout: Layout | None, modalities=None, fitted=None, name: str = "JNFEstimator") -> Validated:
+    """Validate X (any accepted container).
 
-    Fit (``layout`` None): the layout comes from X and ``modalities`` (the parameter), and
-    ``info`` holds ``n_features_in_`` and ``feature_names_in_``. Afterwards X is checked against
-    the fitted ``layout``. ``estimator`` serves only scikit-learn's own checks of 2-D input
-    (feature names and counts, against a throw-away clone at fit) and the messages' wording; it
-    is never modified here.
+    Fit (``layout`` None): the layout comes from X and ``modalities`` (the parameter), and the
+    result records ``n_features_in`` and ``feature_names_in``. Afterwards X is checked against
+    the fitted ``layout`` and, for 2-D input, against the feature count and names of ``fitted``
+    (the fitted estimator, only read). ``name`` is the estimator's, for messages.
     """
     if sp.issparse(X):
         raise TypeError(
-            f"{type(estimator).__name__} does not accept sparse input (got {type(X).__name__}); "
+            f"{name} does not accept sparse input (got {type(X).__name__}); "
             "pass a dense array, a DataFrame or a dict of dense arrays."
         )
     if isinstance(X, Mapping):
-        return _validate_mapping(estimator, X, layout, modalities)
-    return _validate_2d(estimator, X, layout, modalities)
+        return _validate_mapping(name, X, layout, modalities)
+    return _validate_2d(name, fitted, X, layout, modalities)
 
 
-def _validate_2d(estimator, X, layout: Layout | None, modalities):
-    name = type(estimator).__name__
+def _validate_2d(name: str, fitted, X, layout: Layout | None, modalities) -> Validated:
+    checks = {"dtype": _FLOAT_DTYPES, "ensure_all_finite": "allow-nan", "estimator": name}
     if layout is None:
-        # validate_data stores n_features_in_ / feature_names_in_ on the object it is given;
-        # a throw-away clone keeps the real estimator untouched until fit succeeds.
-        scratch = clone(estimator)
-        array = validate_data(scratch, X, dtype=_FLOAT_DTYPES, ensure_all_finite="allow-nan", reset=True)
-        feature_names = getattr(scratch, "feature_names_in_", None)
+        record = _FeatureRecord()
+        array = validate_data(record, X, reset=True, **checks)
+        feature_names = getattr(record, "feature_names_in_", None)
         names, columns = resolve_layout(modalities, array.shape[1], feature_names)
         layout = Layout(names, tuple(len(c) for c in columns), columns)
-        info = {"n_features_in_": scratch.n_features_in_, "feature_names_in_": feature_names}
+        fit_record = (record.n_features_in_, feature_names)
     else:
         if layout.columns is None:
             raise TypeError(
                 f"This {name} was fitted on a mapping of modalities {list(layout.names)}; "
                 f"pass a dict (or SliceDict) with those keys, not {type(X).__name__}."
             )
-        array = validate_data(estimator, X, dtype=_FLOAT_DTYPES, ensure_all_finite="allow-nan", reset=False)
-        info = {}
+        array = validate_data(fitted, X, reset=False, **checks)
+        fit_record = (None, None)
     blocks, observed = {}, []
     for modality, cols in zip(layout.names, layout.columns):
         block = array[:, cols]
         rows = _observed_rows(modality, block)
         blocks[modality] = _to_tensor(block, rows)
         observed.append(rows)
-    data = ModalityData(blocks, np.stack(observed, axis=1), array.dtype, table_container(X))
-    return layout, data, info
+    data = ModalityData(blocks, np.stack(observed, axis=1), array.dtype, Container.of_table(X))
+    return Validated(layout, data, *fit_record)
 
 
-def _validate_mapping(estimator, X: Mapping, layout: Layout | None, modalities):
-    name = type(estimator).__name__
+def _validate_mapping(name: str, X: Mapping, layout: Layout | None, modalities) -> Validated:
     fit = layout is None
     if len(X) == 0:
         raise ValueError("X is an empty mapping; it needs at least one modality.")
@@ -288,9 +354,7 @@ def _validate_mapping(estimator, X: Mapping, layout: Layout | None, modalities):
         raise ValueError(f"All modalities must have the same number of rows; got {n_rows}.")
     if fit:
         layout = Layout(names, tuple(arrays[m].shape[1] for m in names), shapes=tuple(shapes[m] for m in names))
-        info = {"n_features_in_": sum(layout.dims), "feature_names_in_": None}
     else:
-        info = {}
         for modality, array in arrays.items():
             expected = layout.dim(modality)
             if shapes[modality] != layout.shape(modality) and len(layout.shape(modality)) > 1:
@@ -310,48 +374,5 @@ def _validate_mapping(estimator, X: Mapping, layout: Layout | None, modalities):
             observed[:, j] = _observed_rows(modality, arrays[modality])
             blocks[modality] = _to_tensor(arrays[modality], observed[:, j])
     dtype = np.result_type(*[a.dtype for a in arrays.values()])
-    container = {"kind": "mapping", "type": type(X)}
-    return layout, ModalityData(blocks, observed, dtype, container), info
-
-
-def rebuild_container(arrays: dict[str, np.ndarray], layout: Layout, container: dict):
-    """Put per-modality outputs (rows last but one: (..., n, width)) back into the container type
-    the user passed; a DataFrame only for 2-D outputs."""
-    if container["kind"] == "mapping":
-        arrays = {m: x.reshape(*x.shape[:-1], *layout.shape(m)) for m, x in arrays.items()}
-        kind = container["type"]
-        for build in (lambda: kind(arrays), lambda: kind(**arrays)):  # dict-like, or SliceDict(**blocks)
-            try:
-                return build()
-            except TypeError:
-                pass
-        return dict(arrays)
-    first = next(iter(arrays.values()))
-    out = np.empty((*first.shape[:-1], sum(layout.dims)), dtype=first.dtype)  # leading dims: draws, rows
-    for modality, cols in zip(layout.names, layout.columns):
-        out[..., cols] = arrays[modality]
-    return as_table(out, container)
-
-
-def table_container(X) -> dict:
-    """How to rebuild a 2-D table like X (:func:`as_table`): a pandas or polars DataFrame, or an array."""
-    if hasattr(X, "columns") and hasattr(X, "index"):
-        return {"kind": "dataframe", "columns": X.columns, "index": X.index}
-    if type(X).__module__.startswith("polars"):
-        return {"kind": "polars", "columns": list(X.columns)}
-    return {"kind": "array"}
-
-
-def as_table(values: np.ndarray, container: dict, columns=None):
-    """2-D ``values`` as the table kind the user passed (a pandas or polars DataFrame, with the
-    input's column names unless ``columns`` are given), else as they are."""
-    if values.ndim != 2 or container["kind"] not in ("dataframe", "polars"):
-        return values
-    columns = container["columns"] if columns is None else columns
-    if container["kind"] == "dataframe":
-        import pandas as pd
-
-        return pd.DataFrame(values, columns=columns, index=container["index"])
-    import polars as pl
-
-    return pl.DataFrame(values, schema=list(columns), orient="row")
+    data = ModalityData(blocks, observed, dtype, Container("mapping", type(X)))
+    return Validated(layout, data, sum(layout.dims) if fit else None)
