@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 __all__ = ["StageBatch"]
@@ -18,8 +19,8 @@ class StageBatch:
     ----------
     blocks : dict of str to Tensor
         Each modality's flat block (n, d_m); a missing modality's rows hold placeholders.
-    observed : Tensor of shape (n, M), optional
-        1.0 where a row observes a modality; None when every row observes every modality.
+    observed : bool Tensor of shape (n, M), optional
+        True where a row observes a modality; None when every row observes every modality.
     joint_mean, joint_log_var : Tensor of shape (n, D), optional
         Stage 2: the frozen joint posterior of each row, computed once per fit.
     trunk_features : Tensor of shape (n, sum of trunk widths), optional
@@ -34,6 +35,10 @@ class StageBatch:
     joint_log_var: Tensor | None = None
     trunk_features: Tensor | None = None
     noise: Tensor | None = None
+
+    def __post_init__(self):
+        if self.observed is not None and self.observed.dtype != torch.bool:
+            raise TypeError(f"StageBatch.observed is a bool mask; got {self.observed.dtype}.")
 
     def __len__(self) -> int:
         return len(next(iter(self.blocks.values())))

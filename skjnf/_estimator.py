@@ -383,7 +383,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         train_rows, valid_rows = split_rows(data.n_samples, self.validation_fraction, split_seed)
         module = build_checked_module(spec, blocks, data.observed, train_rows, init_seed).to(device)
         # incomplete rows: the observed mask travels with the blocks
-        rows = StageBatch(blocks, None if observed is None else torch.from_numpy(observed.astype(np.float32)))
+        rows = StageBatch(blocks, None if observed is None else torch.from_numpy(observed))
         train = rows.rows(train_rows).to(device)
         valid = rows.rows(valid_rows).to(device) if len(valid_rows) else None
         history = train_both_stages(module, spec, train, valid, self._training_settings(), (seed1, seed2), device)

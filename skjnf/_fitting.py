@@ -303,7 +303,7 @@ def calibrate_auto_scales(module: JNFModule, spec: ModelSpec, data: StageBatch, 
             j = module.index(name)
             x, a = blocks[name], module.natural_parameters(j, z)
             if observed is not None:
-                rows = observed[:, j] > 0
+                rows = observed[:, j]
                 x, a = x[rows], a[:, rows]
             if len(x):
                 scales[name] = module.likelihoods[j].calibrate(x, a)
@@ -326,12 +326,12 @@ def set_linear_paths(module: JNFModule, data: StageBatch, generator: torch.Gener
     encoders are left alone."""
     data = at_most(data, MAX_LINEAR_PATH_ROWS, generator)
     blocks, observed = data.blocks, data.observed
-    has = None if observed is None else (observed > 0).cpu().numpy()
+    has = None if observed is None else observed.cpu().numpy()
     target = data.joint_mean.double().cpu().numpy()
     inputs = [
         module.encoder_input(j, blocks[name]).flatten(1).double().cpu().numpy() for j, name in enumerate(module.names)
     ]
-    expert_rows = None if observed is None else (stage2_expert_rows(observed) > 0).cpu().numpy()
+    expert_rows = None if observed is None else stage2_expert_rows(observed).cpu().numpy()
     for j, encoder in enumerate(module.encoders):
         if isinstance(encoder, UnimodalEncoder):
             rows = slice(None) if expert_rows is None else expert_rows[:, j]

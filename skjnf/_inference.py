@@ -124,7 +124,7 @@ class Inference:
         blocks = {m: data.blocks[m].to(self.device) for m in targets}
         observed = None
         if not data.observed[:, ~conditioning].all():
-            observed = torch.from_numpy(data.observed[:, ~conditioning].astype(np.float64)).to(self.device)
+            observed = torch.from_numpy(data.observed[:, ~conditioning]).to(self.device)
         return conditional_log_likelihood(module, blocks, targets, draws, observed)
 
     def _marginal_log_likelihood(self, data) -> Tensor:

@@ -113,7 +113,7 @@ class JointEncoder(nn.Module):
         features = [trunk(x) for trunk, x in zip(self.trunks, blocks)]
         if observed is not None:
             features = [
-                torch.where(observed[:, j : j + 1] > 0, h, missing.to(h.dtype))
+                torch.where(observed[:, j : j + 1], h, missing.to(h.dtype))
                 for j, (h, missing) in enumerate(zip(features, self.missing_features))
             ]
         return self.head(self.body(torch.cat(features, dim=-1)))
@@ -527,7 +527,7 @@ def stage1_loss(
     z = reparameterize(mean, log_var, noise)
     terms = [-r * module.log_likelihood(name, blocks[name], z) for name, r in zip(module.names, rescale)]
     if observed is not None:
-        terms = [observed[:, j] * term for j, term in enumerate(terms)]
+        terms = [torch.where(observed[:, j], term, 0.0) for j, term in enumerate(terms)]
     reconstruction = sum(terms)
     kl = 0.5 * (mean**2 + torch.exp(log_var) - 1.0 - log_var).sum(-1)
     return reconstruction + beta * kl
@@ -573,13 +573,13 @@ def random_subset_masks(noise: Tensor, observed: Tensor | None = None) -> Tensor
     """
     n_modalities = noise.shape[1] - 1
     if observed is None:
-        observed = torch.ones_like(noise[:, :n_modalities])
-    keys = noise[:, :n_modalities].masked_fill(observed <= 0, math.inf)  # unobserved rank last
+        observed = torch.ones_like(noise[:, :n_modalities], dtype=torch.bool)
+    keys = noise[:, :n_modalities].masked_fill(~observed, math.inf)  # unobserved rank last
     ranks = keys.argsort(-1).argsort(-1)
     largest = observed.sum(1).clamp(max=n_modalities - 1).long()
     uniform = 0.5 * (1.0 + torch.erf(noise[:, -1] / math.sqrt(2.0)))
     size = torch.minimum(2 + (uniform * (largest - 1)).long(), largest).clamp(min=1)
-    return ((ranks < size[:, None]) & (observed > 0)).to(noise.dtype)
+    return ((ranks < size[:, None]) & observed).to(noise.dtype)
 
 
 def stage2_terms(
@@ -640,7 +640,7 @@ def stage2_terms(
         name = module.names[j]
         experts[name] = -(gaussian_log_prob(u, mean, log_var) + log_det)
         if observed is not None:
-            experts[name] = expert_rows[:, j] * experts[name]
+            experts[name] = torch.where(expert_rows[:, j], experts[name], 0.0)
     if not subset_on:
         return experts, None
     n, k = len(z), SUBSET_DRAWS
@@ -651,7 +651,7 @@ def stage2_terms(
     u, log_det = mapped[-1]
     subset = -(gaussian_log_prob(u[:, None], mean, log_var) + log_det[:, None]).mean(1)
     if observed is not None:
-        subset = (observed.sum(1) >= 2).to(subset.dtype) * subset
+        subset = torch.where(observed.sum(1) >= 2, subset, 0.0)
     return experts, subset
 
 
@@ -678,7 +678,7 @@ def stage2_expert_rows(observed: Tensor) -> Tensor:
     noise at 30-60 % and on the linear-Gaussian table. The subset posterior keeps its rows with
     S = O: leaving them out made its MSE worse (0.59-0.64 -> 0.66-0.70).
     """
-    return observed * (observed.sum(1, keepdim=True) >= 2).to(observed.dtype)
+    return observed & (observed.sum(1, keepdim=True) >= 2)
 
 
 def stage2_row_counts(observed: Tensor | None, n: int, n_parts: int) -> Tensor:
@@ -688,7 +688,7 @@ def stage2_row_counts(observed: Tensor | None, n: int, n_parts: int) -> Tensor:
     if observed is None:
         return torch.full((n_parts,), float(n))
     counts = torch.cat([stage2_expert_rows(observed).sum(0), (observed.sum(1) >= 2).sum(0, keepdim=True)])
-    return counts[:n_parts].to(observed.dtype)
+    return counts[:n_parts].to(torch.get_default_dtype())
 
 
 def stage2_loss(module: JNFModule, batch: StageBatch, noise: Tensor) -> Tensor:

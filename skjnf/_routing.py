@@ -93,7 +93,7 @@ def choose_subset_routes(module: JNFModule, batch: StageBatch, noise: Tensor) ->
         return {}
     blocks, observed = batch.blocks, batch.observed
     z = reparameterize(batch.joint_mean, batch.joint_log_var, noise[:, : module.latent_dim])
-    has = torch.ones(len(z), n_modalities, dtype=torch.bool, device=z.device) if observed is None else observed > 0
+    has = torch.ones(len(z), n_modalities, dtype=torch.bool, device=z.device) if observed is None else observed
     row_losses = {}  # bitmask -> per-row −log q of its own posterior (n,)
     used = {}  # bitmask -> bitmask of the posterior it uses
     for j, name in enumerate(module.names):
@@ -192,7 +192,7 @@ def choose_target_routes(
         return {}
     n = len(next(iter(blocks.values())))
     device = next(iter(blocks.values())).device
-    has = torch.ones(n, n_modalities, dtype=torch.bool, device=device) if observed is None else observed > 0
+    has = torch.ones(n, n_modalities, dtype=torch.bool, device=device) if observed is None else observed
     losses = {}  # (bitmask, t) -> per-row −log p(x_t | z̄) of that set's posterior mean (n,)
     used = {}  # (bitmask, t) -> bitmask of the set whose posterior predicts t
     module.subset_products.zero_()

@@ -41,7 +41,7 @@ def _importance_log_likelihood(
             z, log_w = draw(part, slice(k, k + k_step))
             for t, name in enumerate(names):
                 term = module.log_likelihood(name, blocks[name][part], z)
-                log_w = log_w + (term if observed is None else observed[part, t] * term)
+                log_w = log_w + (term if observed is None else torch.where(observed[part, t], term, 0.0))
             chunk = torch.logsumexp(torch.as_tensor(log_w).double(), dim=0)
             acc = chunk if acc is None else torch.logaddexp(acc, chunk)
         out[part] = acc - math.log(n_samples)

@@ -147,12 +147,12 @@ def test_joint_posterior_ignores_the_values_of_missing_modalities():
     module = normal_module(latent_dim=2).eval()
     generator = torch.Generator().manual_seed(0)
     blocks = {m: torch.randn(6, 2, generator=generator) for m in module.names}
-    observed = torch.tensor([[1.0, 0.0, 1.0]] * 6)
+    observed = torch.tensor([[True, False, True]] * 6)
     with torch.no_grad():
         module.joint_encoder.missing_features[1].normal_()
         before = module.joint_posterior(blocks, observed)
         after = module.joint_posterior({**blocks, "m1": 100 * blocks["m1"]}, observed)
-        complete = module.joint_posterior(blocks, torch.ones(6, 3))
+        complete = module.joint_posterior(blocks, torch.ones(6, 3, dtype=torch.bool))
     torch.testing.assert_close(after, before)
     torch.testing.assert_close(complete, module.joint_posterior(blocks))  # all observed: the plain encoder
     assert not torch.allclose(before[0], complete[0])  # the missing features do stand in for m1
@@ -162,10 +162,10 @@ def test_random_subsets_stay_inside_each_rows_observed_modalities():
     n, M = 4000, 5
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(n, M + 1, generator=generator)
-    observed = (torch.rand(n, M, generator=generator) < 0.6).float()
-    observed[:500] = 1.0
+    observed = torch.rand(n, M, generator=generator) < 0.6
+    observed[:500] = True
     masks = random_subset_masks(noise, observed)
-    assert bool((masks <= observed).all())
+    assert bool((masks <= observed.float()).all())
     n_observed, sizes = observed.sum(1), masks.sum(1)
     usable = n_observed >= 2
     assert bool((sizes[usable] >= 2).all())
@@ -182,14 +182,15 @@ def test_stage2_terms_leave_out_what_a_row_does_not_observe():
     generator = torch.Generator().manual_seed(1)
     blocks = {m: torch.randn(8, 2, generator=generator) for m in module.names}
     noise = torch.randn(8, stage2_noise_dim(module), generator=generator)
-    observed = torch.ones(8, 3)
-    observed[:4, 1] = 0.0  # rows 0-3 miss m1
-    observed[6:, 1:] = 0.0  # rows 6-7 observe m0 only
+    observed = torch.ones(8, 3, dtype=torch.bool)
+    observed[:4, 1] = False  # rows 0-3 miss m1
+    observed[6:, 1:] = False  # rows 6-7 observe m0 only
     with torch.no_grad():
         experts, subset = stage2_terms(module, StageBatch(blocks, observed), noise)
         plain, plain_subset = stage2_terms(module, StageBatch(blocks), noise)
-        shifted, _ = stage2_terms(module, StageBatch(blocks, observed + 0.0), noise)
-    assert bool((experts["m1"][observed[:, 1] == 0] == 0).all())
+        placeholders = {**blocks, "m1": torch.where(observed[:, 1:2], blocks["m1"], 5.0)}  # missing cells only
+        shifted, shifted_subset = stage2_terms(module, StageBatch(placeholders, observed), noise)
+    assert bool((experts["m1"][~observed[:, 1]] == 0).all())
     # a row observing one modality leaves its expert alone (the target would be the encoder's own
     # Gaussian) and has no subset term
     assert bool((experts["m0"][6:] == 0).all()) and bool((experts["m0"][:6] != 0).all())
@@ -197,7 +198,9 @@ def test_stage2_terms_leave_out_what_a_row_does_not_observe():
     # where a row observes everything it is the complete-data loss
     torch.testing.assert_close(experts["m0"][4:6], plain["m0"][4:6])
     torch.testing.assert_close(subset[4:6], plain_subset[4:6])
-    torch.testing.assert_close(shifted["m2"], experts["m2"])
+    for name in module.names:  # what stands in a missing block changes nothing
+        torch.testing.assert_close(shifted[name], experts[name])
+    torch.testing.assert_close(shifted_subset, subset)
 
 
 def test_scores_of_incomplete_rows_do_not_depend_on_their_batch_mates():

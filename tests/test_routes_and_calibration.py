@@ -73,7 +73,7 @@ def test_target_routes_judge_each_target_on_the_rows_observing_it(fitted, views,
         return pick(bits, members, used, row_loss, rows)
 
     monkeypatch.setattr(routing, "pick_route", spy)
-    routing.choose_target_routes(module, blocks, torch.from_numpy(observed.astype(np.float32)), 4, 0)
+    routing.choose_target_routes(module, blocks, torch.from_numpy(observed), 4, 0)
     for pair in PAIRS:
         target = next(m for m in "abc" if m not in pair)
         expected = observed[:, [module.index(m) for m in [*pair, target]]].all(1)
@@ -127,12 +127,12 @@ def test_stage1_loss_of_incomplete_rows_ignores_the_placeholders_of_missing_moda
     module = normal_module()
     generator = torch.Generator().manual_seed(0)
     blocks = {m: torch.randn(6, 2, generator=generator) for m in module.names}
-    observed = torch.ones(6, 3)
-    observed[:3, 2] = 0.0
+    observed = torch.ones(6, 3, dtype=torch.bool)
+    observed[:3, 2] = False
     noise = torch.randn(6, module.latent_dim, generator=generator)
     losses = []
     for placeholder in (0.0, 7.0):
-        shifted = dict(blocks, m2=torch.where(observed[:, 2:] > 0, blocks["m2"], placeholder))
+        shifted = dict(blocks, m2=torch.where(observed[:, 2:], blocks["m2"], placeholder))
         shifted_all = dict(blocks, m2=blocks["m2"] + placeholder)
         with torch.no_grad():
             losses.append(stage1_loss(module, shifted, noise, [1.0] * 3, 1.0, observed))
@@ -144,7 +144,7 @@ def test_stage1_loss_of_incomplete_rows_ignores_the_placeholders_of_missing_moda
 def test_stage2_losses_are_averaged_over_the_rows_each_part_learns_from():
     """Catches expert losses averaged over every row observing j, single-view rows too: an expert
     counts the rows observing it and another modality; the subset part, rows observing two."""
-    observed = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 1]], dtype=torch.float32)
+    observed = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 1]], dtype=torch.bool)
     assert stage2_row_counts(observed, 5, 4).tolist() == [2.0, 3.0, 2.0, 3.0]
     assert stage2_row_counts(None, 5, 4).tolist() == [5.0] * 4
 

@@ -67,7 +67,7 @@ def test_batched_stage2_equals_the_sequential_one(flows, networks, incomplete, m
     n = 9
     blocks = {name: torch.randn(n, d, generator=g, dtype=torch.float64) for name, d in zip("abcd", WIDTHS)}
     noise = torch.randn(n, stage2_noise_dim(module), generator=g, dtype=torch.float64)
-    observed = (torch.rand(n, 4, generator=g) < 0.7).double() if incomplete else None
+    observed = torch.rand(n, 4, generator=g) < 0.7 if incomplete else None
     batched = _terms_and_grads(module, blocks, noise, observed, batched=True)
     sequential = _terms_and_grads(module, blocks, noise, observed, batched=False)
     for a, b in zip(batched[0], sequential[0]):
