@@ -118,7 +118,7 @@ def main(data_path: str, config_path: str, out_prefix: str) -> None:
             latent_dim=cfg["latent_dim"],
             input_dims={m: (int(data[f"train__{m}"].shape[1]),) for m in names},
             decoders_dist={m: "normal" for m in names},
-            decoder_dist_params={m: {"scale": cfg["decoder_scale"][m]} for m in names},
+            decoder_dist_params={m: {"scale": cfg["likelihood_scale"][m]} for m in names},
             warmup=n_joint,
         )
         model = JNF(model_config)

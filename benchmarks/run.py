@@ -47,7 +47,7 @@ from _timing import fastest_chunking, timed  # noqa: E402
 #: The reference's interpreter (a venv with multivae 1.0.3; see benchmarks/README.md): JNF_PEER_PYTHON,
 #: else ``peer-venv/bin/python`` beside the repository.
 DEFAULT_PEER_PYTHON = os.environ.get("JNF_PEER_PYTHON", str(HERE.parent.parent / "peer-venv" / "bin" / "python"))
-AUTO_SCALE_FRACTION = 0.5  # skjnf's decoder_scale="auto": half the RMS feature std of each modality
+AUTO_SCALE_FRACTION = 0.5  # skjnf's likelihood_scale="auto": half the RMS feature std of each modality
 N_CHAINS_REFERENCE = 10  # the reference's best subset protocol: mean latent of 10 chains per row
 
 
@@ -75,7 +75,7 @@ def nonfinite_rows(pred: dict, targets) -> int:
 def reference_scales(ds: Dataset, args) -> dict[str, float]:
     """The reference's fixed normal decoder scale per modality (``--reference-scale``).
 
-    ``auto``: what skjnf's default ``decoder_scale="auto"`` picks (half the RMS feature std of
+    ``auto``: what skjnf's default ``likelihood_scale="auto"`` picks (half the RMS feature std of
     the modality's training rows), so both models optimise the same objective. With
     ``--at-defaults``: MultiVae's default scale.
     """
@@ -164,7 +164,7 @@ def run_ours(ds: Dataset, args) -> tuple[dict, dict]:
     # fit: warm-up (1 + 1 epochs), then repeats at equal epochs; the last model is evaluated
     # the reference's fixed scales, passed as floats: the same objective on both sides (skjnf's
     # "auto" would also calibrate them after stage 1, which the reference does not do)
-    scale = {} if args.at_defaults else {"decoder_scale": reference_scales(ds, args)}
+    scale = {} if args.at_defaults else {"likelihood_scale": reference_scales(ds, args)}
     make_ours(args, joint_epochs=1, flow_epochs=1, random_state=args.seed + 999, **scale).fit(ds.train)
     fits, stage_times, repeat_quality, est = [], [], [], None
     for r in range(args.repeats):
@@ -305,7 +305,7 @@ def run_peer(ds: Dataset, args, workdir: Path) -> tuple[dict, dict] | tuple[None
         "lr": REFERENCE_DEFAULTS["lr"] if args.at_defaults else args.lr,
         "joint_epochs": REFERENCE_DEFAULTS["joint_epochs"] if args.at_defaults else args.joint_epochs,
         "flow_epochs": REFERENCE_DEFAULTS["flow_epochs"] if args.at_defaults else args.flow_epochs,
-        "decoder_scale": reference_scales(ds, args),
+        "likelihood_scale": reference_scales(ds, args),
         "seed": args.seed,
         "threads": args.threads,
         "repeats": args.repeats,
@@ -704,7 +704,7 @@ def skjnf_version() -> dict:
     defaults = JNFEstimator().get_params()
     info["defaults"] = {
         k: defaults[k]
-        for k in ("decoder_scale", "n_mcmc_steps", "n_leapfrog", "n_posterior_samples", "step_size")
+        for k in ("likelihood_scale", "n_mcmc_steps", "n_leapfrog", "n_posterior_samples", "step_size")
         if k in defaults
     }
     return info
@@ -910,7 +910,7 @@ def render(args, results, scaling, cmd, machine_text, minutes, gflops, version=N
         + f"Setting: latent {args.latent_dim}, batch {args.batch_size}, lr {args.lr}, "
         f"{args.joint_epochs}+{args.flow_epochs} epochs, validation fraction {args.validation_fraction}. "
         "skjnf: hidden_sizes=(512, 512), MAF 2 × (128, 128, 128), "
-        "decoder_scale='auto' (its default), its default subset posterior; "
+        "likelihood_scale='auto' (its default), its default subset posterior; "
         + (
             "**matched architecture**: per-modality trunks d→512→512→latent (the reference's joint-encoder branches) "
             "and decoders latent→512→d ending in a sigmoid, i.e. the reference's layers (through `networks`). "

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Mapping
+import inspect
 from numbers import Integral, Real
 
 import numpy as np
@@ -26,30 +25,13 @@ from ._fitting import (
 )
 from ._inference import Inference, InferenceSettings
 from ._likelihoods import LIKELIHOODS
+from ._persistence import plain_state, resolve_device, restored_state
 from ._posteriors import SUBSET_POSTERIORS, HMCSettings, HMCStats
 from ._routing import fitted_choices
-from ._spec import ModelSpec, build_module, model_spec
-from ._validation import ARRAY, MAPPING, Layout, ModalityData, check_int, validate_X
-from ._warnings import user_stacklevel
+from ._spec import model_spec
+from ._validation import ARRAY, MAPPING, ModalityData, check_int, validate_X
 
 __all__ = ["JNFEstimator"]
-
-
-def _resolve_device(device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device={device!r} is not a torch device; use 'cpu', 'cuda' or 'auto'.") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device={device!r} was requested but CUDA is not available on this machine; "
-            "use device='cpu' or device='auto'."
-        )
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r} is not supported; use 'cpu', 'cuda' or 'auto'.")
-    return resolved
 
 
 def _seeds(random_state, n: int) -> list[int]:
@@ -97,13 +79,13 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         Widths of the decoder MLPs, from the latent outwards; ``None`` uses ``hidden_sizes``
         reversed. A lighter decoder (e.g. ``(512,)``) trains faster and makes ``score``'s
         importance sampling cheaper.
-    decoder : str or dict, default="normal"
+    likelihood : str or dict, default="normal"
         Likelihood of each modality (a dict maps names to likelihoods; unnamed ones are normal):
         ``"normal"``, ``"laplace"``, ``"bernoulli"`` (0/1 data), ``"categorical"`` (one-hot
         columns, or one column of integer codes; ``predict`` returns the most probable category,
         ``predict_probabilities`` the probabilities), ``"poisson"`` or ``"negative_binomial"``
         (non-negative integer counts; the latter learns one dispersion per feature).
-    decoder_scale : float, "auto", "learn" or dict, default="auto"
+    likelihood_scale : float, "auto", "learn" or dict, default="auto"
         Standard deviation (normal) or scale (laplace). ``"auto"``: stage 1 trains with one fixed
         scale per modality, half the RMS standard deviation of its features (training rows);
         then the scale is set to its maximum-likelihood value on the validation rows
@@ -207,7 +189,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         ``{"epoch", "train_loss", "valid_loss"}``, floats, per-row means), ``"best_epoch"`` (the
         1-based epoch whose weights were kept) and ``"monitor"`` (``"valid_loss"``, or
         ``"train_loss"`` when there is no validation set); ``"joint"`` also holds
-        ``"calibrated_scales"`` (the "auto" decoder scales set after stage 1). Stage 2 keeps each part's own best
+        ``"calibrated_scales"`` (the "auto" likelihood scales set after stage 1). Stage 2 keeps each part's own best
         epoch (each expert and the subset posterior have their own parameters) and, with a
         validation set, reports each expert's calibration: ``"expert_valid_loss"`` (mean
         held-out -log q_j(z | x_j) at the kept epoch, a dict by modality), ``"expert_best_epoch"``,
@@ -263,8 +245,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         "latent_dim": [Interval(Integral, 1, None, closed="left")],
         "hidden_sizes": [list, tuple],
         "decoder_hidden_sizes": [None, list, tuple],
-        "decoder": [StrOptions(set(LIKELIHOODS)), dict],
-        "decoder_scale": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto", "learn"}), dict],
+        "likelihood": [StrOptions(set(LIKELIHOODS)), dict],
+        "likelihood_scale": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto", "learn"}), dict],
         "rescale_likelihoods": ["boolean", dict],
         "beta": [Interval(Real, 0, None, closed="left")],
         "flow": [StrOptions({"maf", "realnvp"}), dict],
@@ -298,8 +280,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         latent_dim=10,
         hidden_sizes=(256, 256),
         decoder_hidden_sizes=None,
-        decoder="normal",
-        decoder_scale="auto",
+        likelihood="normal",
+        likelihood_scale="auto",
         rescale_likelihoods=True,
         beta=1.0,
         flow="maf",
@@ -329,8 +311,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         self.latent_dim = latent_dim
         self.hidden_sizes = hidden_sizes
         self.decoder_hidden_sizes = decoder_hidden_sizes
-        self.decoder = decoder
-        self.decoder_scale = decoder_scale
+        self.likelihood = likelihood
+        self.likelihood_scale = likelihood_scale
         self.rescale_likelihoods = rescale_likelihoods
         self.beta = beta
         self.flow = flow
@@ -378,7 +360,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         layout, data = validated.layout, validated.data
         blocks, observed = training_rows(data, layout)
         spec = model_spec(self.get_params(), layout, blocks, observed)
-        device = _resolve_device(self.device)
+        device = resolve_device(self.device)
         init_seed, split_seed, seed1, seed2, inference_seed = _seeds(self.random_state, 5)
         train_rows, valid_rows = split_rows(data.n_samples, self.validation_fraction, split_seed)
         module = build_checked_module(spec, blocks, data.observed, train_rows, init_seed).to(device)
@@ -468,7 +450,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         data = self._validated(X)
         inference = self._inference(random_state)
         z = inference.latents(data, self._row_conditioning(data, cond_mod), n_draws)
-        _warn_about_hmc(inference.stats)
+        inference.stats.warn()
         return data, z.cpu().numpy().astype(data.dtype, copy=False), inference.stats
 
     def transform(self, X, cond_mod=None):
@@ -542,7 +524,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         inference = self._inference()
         conditioning = self._row_conditioning(data, cond_mod)
         decoded = inference.predictions(data, conditioning, output, names or self.modality_names_)
-        _warn_about_hmc(inference.stats)
+        inference.stats.warn()
         return data, {m: x.cpu().numpy().astype(data.dtype, copy=False) for m, x in decoded.items()}
 
     def inverse_transform(self, Z):
@@ -590,11 +572,11 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             at the posterior-mean latent of each row.
         """
         check_is_fitted(self)
-        names = [m for m, d in zip(self.modality_names_, self._spec.decoders) if d in ("bernoulli", "categorical")]
+        names = [m for m, d in zip(self.modality_names_, self._spec.likelihoods) if d in ("bernoulli", "categorical")]
         if not names:
             raise ValueError(
-                "predict_probabilities needs a bernoulli or categorical modality; decoders are "
-                f"{dict(zip(self.modality_names_, self._spec.decoders))}."
+                "predict_probabilities needs a bernoulli or categorical modality; likelihoods are "
+                f"{dict(zip(self.modality_names_, self._spec.likelihoods))}."
             )
         return self._predictions(X, cond_mod, "probabilities", names)[1]
 
@@ -628,7 +610,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         else:
             data = self._validated(X)
             z = inference.latents(data, self._row_conditioning(data, cond_mod), n_samples)
-            _warn_about_hmc(inference.stats)
+            inference.stats.warn()
             as_dict = self._layout.columns is None or data.container.kind == "mapping"
             dtype, container = data.dtype, MAPPING if as_dict else ARRAY
         decoded = inference.decode(z, output, self.modality_names_, seed=inference.settings.seed + 1)
@@ -664,7 +646,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             raise ValueError("cond_mod names every modality; nothing is left to score.")
         self._row_conditioning(data, cond_mod)
         log_p = inference.log_likelihood(data, conditioning)
-        _warn_about_hmc(inference.stats)
+        inference.stats.warn()
         return log_p.cpu().numpy()
 
     def score(self, X, y=None):
@@ -722,52 +704,12 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
 
     # ---------------------------------------------------------- persistence
     def __getstate__(self):
-        state = dict(super().__getstate__())
-        state.pop("_device", None)
-        if isinstance(state.get("_spec"), ModelSpec):
-            state["_spec"] = state["_spec"].as_dict()
-        if "module_" in state:
-            state["module_"] = {k: v.detach().cpu().numpy() for k, v in self.module_.state_dict().items()}
-        if "_layout" in state:
-            layout = state["_layout"]
-            state["_layout"] = {
-                "names": list(layout.names),
-                "dims": list(layout.dims),
-                "columns": None if layout.columns is None else [c.tolist() for c in layout.columns],
-                "shapes": None if layout.shapes is None else [list(shape) for shape in layout.shapes],
-            }
-        return state
+        return plain_state(super().__getstate__(), getattr(self, "module_", None))
 
     def __setstate__(self, state):
-        state = dict(state)
-        if isinstance(state.get("_spec"), Mapping):  # stored as plain containers (and by 0.1)
-            state["_spec"] = ModelSpec.from_dict(state["_spec"])
-        if isinstance(state.get("_layout"), dict):
-            layout = state["_layout"]
-            columns = layout["columns"]
-            shapes = layout.get("shapes")
-            state["_layout"] = Layout(
-                tuple(layout["names"]),
-                tuple(layout["dims"]),
-                None if columns is None else tuple(np.asarray(c, dtype=np.intp) for c in columns),
-                None if shapes is None else tuple(tuple(shape) for shape in shapes),
-            )
-        weights = state.get("module_")
-        if isinstance(weights, dict):
-            module = build_module(state["_spec"], None, 0)
-            weights = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
-            # added since 0.1, their defaults the old behaviour: no clipping, no routes, and no
-            # linear path beside the experts' MLPs
-            added = ("target_routes", "subset_products")
-            for key, value in module.state_dict().items():
-                new = key in added or key.endswith((".linear_weight", ".linear_bias"))
-                if new or ".missing_features." in key or key.startswith("input_ranges."):
-                    weights.setdefault(key, value)
-            module.load_state_dict(weights)
-            device = _loaded_device(state.get("device", "cpu"))
-            state["module_"] = module.to(device).eval().requires_grad_(False)
-            state["_device"] = device
-        super().__setstate__(state)
+        parameters = inspect.signature(type(self).__init__).parameters
+        defaults = {k: p.default for k, p in parameters.items() if k != "self"}
+        super().__setstate__(restored_state(state, defaults))
 
     def __sklearn_is_fitted__(self):
         return hasattr(self, "module_")
@@ -777,35 +719,3 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         # NaN is accepted only as whole missing modalities, not anywhere: allow_nan stays False.
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
-
-
-def _warn_about_hmc(stats: HMCStats) -> None:
-    """Warn about a call's HMC diagnostics, at the user's call (however deep inside skjnf)."""
-    if not stats.n_rows:
-        return
-    stacklevel = user_stacklevel()
-    if abs(stats.acceptance - 0.75) > 0.15:
-        warnings.warn(
-            f"HMC acceptance {stats.acceptance:.2f} is far from its 0.75 target; consider a larger "
-            "n_mcmc_steps (longer adaptation) or step_size='auto'.",
-            UserWarning,
-            stacklevel=stacklevel,
-        )
-    if stats.escaped_rows:
-        warnings.warn(
-            f"HMC chains of row(s) {stats.escaped_rows[:10]} ended far from the origin (|z| > 10): "
-            "the product of experts may be improper for these rows.",
-            UserWarning,
-            stacklevel=stacklevel,
-        )
-
-
-def _loaded_device(device) -> torch.device:
-    """The estimator's device if this machine has it, else CPU (pickles are device-independent)."""
-    try:
-        return _resolve_device(device)
-    except ValueError:
-        warnings.warn(
-            f"device={device!r} is not available here; the model was loaded on CPU.", UserWarning, stacklevel=2
-        )
-        return torch.device("cpu")

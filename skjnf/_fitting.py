@@ -276,7 +276,7 @@ def calibrate_auto_scales(module: JNFModule, spec: ModelSpec, data: StageBatch, 
     ``CALIBRATION_DRAWS`` draws of the joint posterior; returns ``{modality: scale}``.
 
     Stage 1 trains with a wide fixed scale (half the RMS feature std), which keeps the latent
-    informative (see ``decoder_scale``) but makes p(x | z) far wider than the decoders' errors:
+    informative (see ``likelihood_scale``) but makes p(x | z) far wider than the decoders' errors:
     on a linear-Gaussian table the held-out log-likelihood was 7.8 nats per row below what the
     calibrated scale gives. Means, latents and predictions do not depend on it. Measured over the
     42 fits of ``benchmarks/incomplete_rows.py`` it raised the held-out log-likelihood in 35

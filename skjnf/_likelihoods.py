@@ -26,7 +26,7 @@ __all__ = [
 
 #: Learned scales never go below this fraction of the feature's standard deviation.
 SCALE_FLOOR_FRACTION = 1e-3
-#: ``decoder_scale="auto"``: one fixed scale per modality, this fraction of its features' RMS std.
+#: ``likelihood_scale="auto"``: one fixed scale per modality, this fraction of its features' RMS std.
 AUTO_SCALE_FRACTION = 0.5
 #: Smallest mean a count decoder starts at (log 0 is not a natural parameter).
 COUNT_MEAN_FLOOR = 1e-3
@@ -223,7 +223,7 @@ class Bernoulli(Likelihood):
     @classmethod
     def check_data(cls, name: str, x: Tensor) -> None:
         if not bool(((x == 0) | (x == 1)).all()):
-            raise ValueError(f"Modality {name!r} uses decoder='bernoulli' and must hold only 0 and 1 values.")
+            raise ValueError(f"Modality {name!r} uses likelihood='bernoulli' and must hold only 0 and 1 values.")
 
     def log_prob(self, x: Tensor, a: Tensor) -> Tensor:
         return (x * a - F.softplus(a)).sum(-1)
@@ -279,12 +279,12 @@ class Categorical(Likelihood):
         if x.shape[1] == 1:
             if not bool(_is_count(x).all()):
                 raise ValueError(
-                    f"Modality {name!r} uses decoder='categorical' with one column, so it must hold "
+                    f"Modality {name!r} uses likelihood='categorical' with one column, so it must hold "
                     "non-negative integer category codes (0, 1, ..., K-1)."
                 )
         elif not bool((((x == 0) | (x == 1)).all(1) & (x.sum(1) == 1)).all()):
             raise ValueError(
-                f"Modality {name!r} uses decoder='categorical' with {x.shape[1]} columns, so every row must be "
+                f"Modality {name!r} uses likelihood='categorical' with {x.shape[1]} columns, so every row must be "
                 "one-hot (exactly one 1, all others 0); or give one column of integer category codes."
             )
 
@@ -357,7 +357,7 @@ class _Count(Likelihood):
     def check_data(cls, name: str, x: Tensor) -> None:
         if not bool(_is_count(x).all()):
             raise ValueError(
-                f"Modality {name!r} uses decoder={cls._name!r} and must hold only non-negative integer counts."
+                f"Modality {name!r} uses likelihood={cls._name!r} and must hold only non-negative integer counts."
             )
 
     def mean(self, a: Tensor) -> Tensor:

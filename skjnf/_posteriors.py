@@ -6,6 +6,7 @@ importance proposals ``propose(rows, noise)``. Which one serves a conditioning s
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from ._distributions import FlowDistribution, gaussian_log_prob, reparameterize,
 from ._gaussian_product import GaussianProduct, linearized_expert
 from ._hmc import hmc_sample, product_of_experts_log_prob
 from ._modules import JNFModule
+from ._warnings import user_stacklevel
 
 __all__ = [
     "SUBSET_POSTERIORS",
@@ -86,6 +88,26 @@ class HMCStats:
     @property
     def step_size(self) -> float | None:
         return self.step_size_sum / self.n_rows if self.n_rows else None
+
+    def warn(self) -> None:
+        """Warn about the call's HMC diagnostics, at the user's call (however deep inside skjnf)."""
+        if not self.n_rows:
+            return
+        stacklevel = user_stacklevel()
+        if abs(self.acceptance - 0.75) > 0.15:
+            warnings.warn(
+                f"HMC acceptance {self.acceptance:.2f} is far from its 0.75 target; consider a larger "
+                "n_mcmc_steps (longer adaptation) or step_size='auto'.",
+                UserWarning,
+                stacklevel=stacklevel,
+            )
+        if self.escaped_rows:
+            warnings.warn(
+                f"HMC chains of row(s) {self.escaped_rows[:10]} ended far from the origin (|z| > 10): "
+                "the product of experts may be improper for these rows.",
+                UserWarning,
+                stacklevel=stacklevel,
+            )
 
     def as_dict(self) -> dict:
         return {

@@ -30,7 +30,7 @@ class ModelSpec:
     shapes: tuple[tuple[int, ...], ...]
     networks: Mapping
     flows: tuple
-    decoders: tuple[str, ...]
+    likelihoods: tuple[str, ...]  # the likelihood family of each modality
     scales: tuple  # float, "auto" or "learn" per modality
     rescale: tuple[float, ...]
     latent_dim: int
@@ -48,6 +48,9 @@ class ModelSpec:
     def from_dict(cls, state: Mapping) -> ModelSpec:
         """From :meth:`as_dict`'s output, or the dict a 0.1 pickle holds."""
         fields = {f.name for f in dataclasses.fields(cls)}
+        state = dict(state)
+        if "decoders" in state:  # named so up to 0.2
+            state.setdefault("likelihoods", state.pop("decoders"))
         state = {k: v for k, v in state.items() if k in fields}
         if state.get("decoder_hidden_sizes") is None:
             state["decoder_hidden_sizes"] = tuple(reversed(tuple(state["hidden_sizes"])))
@@ -115,15 +118,15 @@ def model_spec(params: Mapping, layout: Layout, blocks: dict, observed: np.ndarr
     integer codes gets its category count from them.
     """
     names = layout.names
-    decoders = _per_modality(params["decoder"], names, "decoder", "normal")
+    decoders = _per_modality(params["likelihood"], names, "likelihood", "normal")
     for name, dist in zip(names, decoders):
         if dist not in LIKELIHOODS:
-            raise ValueError(f"decoder for modality {name!r} must be one of {sorted(LIKELIHOODS)}; got {dist!r}.")
-    scales = _per_modality(params["decoder_scale"], names, "decoder_scale", "auto")
+            raise ValueError(f"likelihood for modality {name!r} must be one of {sorted(LIKELIHOODS)}; got {dist!r}.")
+    scales = _per_modality(params["likelihood_scale"], names, "likelihood_scale", "auto")
     for name, scale in zip(names, scales):
         if not (scale in ("auto", "learn") or isinstance(scale, Real) and not isinstance(scale, bool) and scale > 0):
             raise ValueError(
-                f"decoder_scale for modality {name!r} must be a float > 0, 'auto' or 'learn'; got {scale!r}."
+                f"likelihood_scale for modality {name!r} must be a float > 0, 'auto' or 'learn'; got {scale!r}."
             )
     hidden_sizes = _check_widths(params["hidden_sizes"], "hidden_sizes")
     decoder_hidden_sizes = params["decoder_hidden_sizes"]
@@ -133,7 +136,7 @@ def model_spec(params: Mapping, layout: Layout, blocks: dict, observed: np.ndarr
         shapes=tuple(tuple(layout.shape(name)) for name in names),
         networks=_check_networks(params["networks"], names),
         flows=tuple(_per_modality(params["flow"], names, "flow", "maf")),
-        decoders=tuple(decoders),
+        likelihoods=tuple(decoders),
         scales=tuple(s if isinstance(s, str) else float(s) for s in scales),
         rescale=tuple(float(r) for r in _rescale(params["rescale_likelihoods"], layout)),
         latent_dim=int(params["latent_dim"]),
@@ -172,7 +175,7 @@ def build_module(spec: ModelSpec, train_blocks: dict | None, seed: int, input_ra
         torch.manual_seed(seed)
         likelihoods = [
             make_likelihood(dist, d, scale, None if train_blocks is None else train_blocks[name], n_categories=k)
-            for name, d, dist, scale, k in zip(names, spec.dims, spec.decoders, spec.scales, spec.n_categories)
+            for name, d, dist, scale, k in zip(names, spec.dims, spec.likelihoods, spec.scales, spec.n_categories)
         ]
         biases = None
         if train_blocks is not None:

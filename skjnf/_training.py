@@ -315,7 +315,7 @@ class StageNet(NeuralNet):
                 where = f"batch {i + 1}" if training else "validation"
                 raise FloatingPointError(
                     f"Non-finite loss ({value}) in {self.module_.label}, epoch {len(self.history)}, {where}. "
-                    "Try a lower lr, standardised inputs, or a larger decoder_scale."
+                    "Try a lower lr, standardised inputs, or a larger likelihood_scale."
                 )
             row[prefix + "_loss"] = value
         self.history.record(prefix + "_batch_count", len(values))

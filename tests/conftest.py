@@ -15,5 +15,5 @@ def fitted(views):
     X, _, _ = views
     # expert_weight_decay 0.2 at lr 1e-2 decays as much per step (AdamW: lr x decay) as the defaults
     return small_jnf(
-        joint_epochs=40, flow_epochs=40, lr=1e-2, hidden_sizes=(32,), decoder_scale=0.1, expert_weight_decay=0.2
+        joint_epochs=40, flow_epochs=40, lr=1e-2, hidden_sizes=(32,), likelihood_scale=0.1, expert_weight_decay=0.2
     ).fit(X)

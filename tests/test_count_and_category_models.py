@@ -43,7 +43,7 @@ def test_counts_reach_the_generating_model_likelihood(family):
     truth = _exact_log_likelihood(log_p_given_z).mean()
     jnf = small_jnf(
         latent_dim=1,
-        decoder={"counts": family},
+        likelihood={"counts": family},
         hidden_sizes=(32,),
         lr=1e-2,
         batch_size=64,
@@ -70,7 +70,7 @@ def test_categorical_modality_is_predicted_from_the_others(layout):
     train = {m: x[:N_TRAIN] for m, x in X.items()}
     jnf = small_jnf(
         latent_dim=1,
-        decoder={"cat": "categorical"},
+        likelihood={"cat": "categorical"},
         hidden_sizes=(32,),
         lr=1e-2,
         batch_size=64,
@@ -93,7 +93,7 @@ def test_categorical_modality_is_predicted_from_the_others(layout):
 def test_bad_count_and_category_data_is_rejected():
     X = {"counts": np.array([[1.0, 2.5], [0.0, 1.0]]), "y": np.ones((2, 1))}
     with pytest.raises(ValueError, match="Modality 'counts'.*integer"):
-        small_jnf(decoder={"counts": "poisson"}).fit(X)
+        small_jnf(likelihood={"counts": "poisson"}).fit(X)
     X = {"cat": np.array([[1.0, 1.0], [0.0, 1.0]]), "y": np.ones((2, 1))}
     with pytest.raises(ValueError, match="Modality 'cat'"):
-        small_jnf(decoder={"cat": "categorical"}).fit(X)
+        small_jnf(likelihood={"cat": "categorical"}).fit(X)

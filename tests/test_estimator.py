@@ -197,13 +197,13 @@ def test_bernoulli_modality_predicts_both_values():
     rng = np.random.default_rng(2)
     z = rng.normal(size=(300, 1))
     X = {"x": z @ np.ones((1, 3)) + 0.1 * rng.normal(size=(300, 3)), "bits": (z > 0).astype(float) @ np.ones((1, 2))}
-    jnf = small_jnf(latent_dim=1, decoder={"bits": "bernoulli"}, joint_epochs=40, flow_epochs=1, lr=1e-2).fit(X)
+    jnf = small_jnf(latent_dim=1, likelihood={"bits": "bernoulli"}, joint_epochs=40, flow_epochs=1, lr=1e-2).fit(X)
     pred = jnf.predict(X)["bits"]
     assert ((pred > 0.5) == (X["bits"] > 0.5)).mean() > 0.9
 
 
 def test_default_decoder_scale_gives_a_useful_latent_on_unit_range_data():
-    """With decoder_scale='auto' (default), [0, 1] features do not collapse the latent."""
+    """With likelihood_scale='auto' (default), [0, 1] features do not collapse the latent."""
     X, labels, _ = make_views(n=300, seed=3)
     X = {m: (b - b.min(0)) / (b.max(0) - b.min(0)) for m, b in X.items()}
 
@@ -211,7 +211,7 @@ def test_default_decoder_scale_gives_a_useful_latent_on_unit_range_data():
         return LogisticRegression().fit(z, labels).score(z, labels)
 
     auto = small_jnf(joint_epochs=30, flow_epochs=1).fit(X)
-    collapsed = small_jnf(joint_epochs=30, flow_epochs=1, decoder_scale=1.0).fit(X).transform(X)
+    collapsed = small_jnf(joint_epochs=30, flow_epochs=1, likelihood_scale=1.0).fit(X).transform(X)
     pca = PCA(2).fit_transform(np.hstack(list(X.values())))
     z = auto.transform(X)
     assert probe(z) > probe(pca) - 0.03  # as informative as the best linear 2-D view
@@ -224,7 +224,7 @@ def test_default_decoder_scale_gives_a_useful_latent_on_unit_range_data():
 
 def test_learned_scales_start_at_the_feature_std_and_train():
     X, _, _ = make_views(n=200)
-    jnf = small_jnf(joint_epochs=5, flow_epochs=1, decoder_scale={"a": "learn"}).fit(X)
+    jnf = small_jnf(joint_epochs=5, flow_epochs=1, likelihood_scale={"a": "learn"}).fit(X)
     scale = jnf.module_.likelihoods[0].scale.detach().numpy()
     assert scale.shape == (6,) and np.all(scale > 0)
     assert not np.allclose(scale, X["a"].std(0), rtol=1e-3)  # trained in stage 1

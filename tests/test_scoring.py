@@ -25,7 +25,7 @@ def _model(**params):
         latent_dim=2,
         hidden_sizes=(),
         n_flow_blocks=0,
-        decoder_scale=SCALE,
+        likelihood_scale=SCALE,
         joint_epochs=1,
         flow_epochs=1,
         random_state=0,

@@ -137,7 +137,7 @@ def test_stage2_leaves_the_joint_part_bit_identical(views, monkeypatch):
         return original(module, stage, *args, **kwargs)
 
     monkeypatch.setattr(fitting, "_train_stage", spy)
-    jnf = small_jnf(joint_epochs=3, flow_epochs=3, decoder={"c": "laplace"}, decoder_scale="learn").fit(X)
+    jnf = small_jnf(joint_epochs=3, flow_epochs=3, likelihood={"c": "laplace"}, likelihood_scale="learn").fit(X)
     after = _joint_state(jnf.module_)
     assert any("rho" in n for n in after)  # learned scales are part of the frozen state
     for name, tensor in after.items():
@@ -159,7 +159,7 @@ def test_best_epoch_is_restored(views, monkeypatch):
 
     monkeypatch.setattr(fitting, "train_stage", spy)
     # a fixed scale: "auto" is recalibrated after stage 1, so its validation loss would differ from the recorded one
-    jnf = small_jnf(joint_epochs=12, flow_epochs=12, lr=3e-2, decoder_scale=0.7, rescale_likelihoods=False).fit(X)
+    jnf = small_jnf(joint_epochs=12, flow_epochs=12, lr=3e-2, likelihood_scale=0.7, rescale_likelihoods=False).fit(X)
     for (stage, valid), key in zip(stages, ("joint", "flows")):
         with torch.no_grad():
             jnf.module_.eval()
@@ -267,7 +267,7 @@ def test_gradients_are_clipped_before_the_step(views, monkeypatch):
     monkeypatch.setattr(training.ClipGradNorm, "on_grad_computed", record)
     handle = register_optimizer_step_post_hook(step_hook)
     try:
-        small_jnf(joint_epochs=2, flow_epochs=1, decoder_scale=1.0).fit(X)
+        small_jnf(joint_epochs=2, flow_epochs=1, likelihood_scale=1.0).fit(X)
     finally:
         handle.remove()
     assert max(pre_clip) > training.MAX_GRAD_NORM

@@ -84,16 +84,16 @@ def test_missing_modality_at_transform_is_conditioned_out(model):
 @pytest.mark.parametrize(
     "params, match",
     [
-        ({"decoder": {"c": "normal"}}, r"decoder names unknown modality 'c'"),
-        ({"decoder": {"a": "poissonish"}}, "decoder for modality 'a' must be one of"),
-        ({"decoder_scale": {"b": -1.0}}, "decoder_scale for modality 'b' must be a float > 0"),
-        ({"decoder_scale": 0.0}, "decoder_scale"),
+        ({"likelihood": {"c": "normal"}}, r"likelihood names unknown modality 'c'"),
+        ({"likelihood": {"a": "poissonish"}}, "likelihood for modality 'a' must be one of"),
+        ({"likelihood_scale": {"b": -1.0}}, "likelihood_scale for modality 'b' must be a float > 0"),
+        ({"likelihood_scale": 0.0}, "likelihood_scale"),
         ({"rescale_likelihoods": {"a": 0.0}}, "positive"),
         ({"hidden_sizes": (8, 0)}, "hidden_sizes must be a sequence of positive ints"),
         ({"latent_dim": 0}, "latent_dim"),
         ({"n_mcmc_steps": 0}, "n_mcmc_steps"),
         ({"device": "tpu"}, "device='tpu'"),
-        ({"decoder": {"a": "bernoulli"}}, "Modality 'a' uses decoder='bernoulli' and must hold only 0 and 1"),
+        ({"likelihood": {"a": "bernoulli"}}, "Modality 'a' uses likelihood='bernoulli' and must hold only 0 and 1"),
     ],
 )
 def test_bad_parameters_fail_in_fit(params, match):
