@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import inspect
-from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from ._batch import StageBatch
@@ -24,11 +22,10 @@ from ._fitting import (
     training_rows,
 )
 from ._inference import Inference, InferenceSettings
-from ._likelihoods import LIKELIHOODS
 from ._persistence import plain_state, resolve_device, restored_state
-from ._posteriors import SUBSET_POSTERIORS, HMCSettings, HMCStats
+from ._posteriors import HMCSettings, HMCStats
 from ._routing import fitted_choices
-from ._spec import model_spec
+from ._spec import PARAMETER_CONSTRAINTS, model_spec
 from ._validation import ARRAY, MAPPING, ModalityData, check_int, validate_X
 
 __all__ = ["JNFEstimator"]
@@ -240,38 +237,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
     (200, 2)
     """
 
-    _parameter_constraints: dict = {
-        "modalities": [None, dict, StrOptions({"prefix"})],
-        "latent_dim": [Interval(Integral, 1, None, closed="left")],
-        "hidden_sizes": [list, tuple],
-        "decoder_hidden_sizes": [None, list, tuple],
-        "likelihood": [StrOptions(set(LIKELIHOODS)), dict],
-        "likelihood_scale": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto", "learn"}), dict],
-        "rescale_likelihoods": ["boolean", dict],
-        "beta": [Interval(Real, 0, None, closed="left")],
-        "flow": [StrOptions({"maf", "realnvp"}), dict],
-        "networks": [None, dict],
-        "n_flow_blocks": [Interval(Integral, 0, None, closed="left")],
-        "flow_hidden_sizes": [list, tuple],
-        "joint_epochs": [Interval(Integral, 0, None, closed="left")],
-        "flow_epochs": [Interval(Integral, 0, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "lr": [Interval(Real, 0, None, closed="neither")],
-        "expert_weight_decay": [Interval(Real, 0, None, closed="left")],
-        "validation_fraction": [Interval(Real, 0, 1, closed="left")],
-        "early_stopping": ["boolean"],
-        "cond_mod": [None, str, list, tuple],
-        "latent": [StrOptions({"mean", "sample"})],
-        "subset_posterior": [StrOptions(set(SUBSET_POSTERIORS))],
-        "n_mcmc_steps": [Interval(Integral, 1, None, closed="left")],
-        "n_leapfrog": [Interval(Integral, 1, None, closed="left")],
-        "step_size": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
-        "n_posterior_samples": [Interval(Integral, 1, None, closed="left")],
-        "n_importance_samples": [Interval(Integral, 1, None, closed="left")],
-        "device": [str, torch.device],
-        "random_state": ["random_state"],
-        "verbose": ["verbose"],
-    }
+    _parameter_constraints: dict = PARAMETER_CONSTRAINTS
 
     def __init__(
         self,

@@ -9,12 +9,50 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._likelihoods import LIKELIHOODS, make_likelihood
 from ._modules import NETWORK_PARTS, JNFModule
+from ._posteriors import SUBSET_POSTERIORS
 from ._validation import Layout
 
-__all__ = ["ModelSpec", "model_spec", "build_module", "count_categories"]
+__all__ = ["PARAMETER_CONSTRAINTS", "ModelSpec", "model_spec", "build_module", "count_categories"]
+
+
+#: scikit-learn's checks of every JNFEstimator parameter (its ``_parameter_constraints``); what
+#: these cannot express (per-modality dicts, network factories) ``model_spec`` checks at fit.
+PARAMETER_CONSTRAINTS: dict = {
+    "modalities": [None, dict, StrOptions({"prefix"})],
+    "latent_dim": [Interval(Integral, 1, None, closed="left")],
+    "hidden_sizes": [list, tuple],
+    "decoder_hidden_sizes": [None, list, tuple],
+    "likelihood": [StrOptions(set(LIKELIHOODS)), dict],
+    "likelihood_scale": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto", "learn"}), dict],
+    "rescale_likelihoods": ["boolean", dict],
+    "beta": [Interval(Real, 0, None, closed="left")],
+    "flow": [StrOptions({"maf", "realnvp"}), dict],
+    "networks": [None, dict],
+    "n_flow_blocks": [Interval(Integral, 0, None, closed="left")],
+    "flow_hidden_sizes": [list, tuple],
+    "joint_epochs": [Interval(Integral, 0, None, closed="left")],
+    "flow_epochs": [Interval(Integral, 0, None, closed="left")],
+    "batch_size": [Interval(Integral, 1, None, closed="left")],
+    "lr": [Interval(Real, 0, None, closed="neither")],
+    "expert_weight_decay": [Interval(Real, 0, None, closed="left")],
+    "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+    "early_stopping": ["boolean"],
+    "cond_mod": [None, str, list, tuple],
+    "latent": [StrOptions({"mean", "sample"})],
+    "subset_posterior": [StrOptions(set(SUBSET_POSTERIORS))],
+    "n_mcmc_steps": [Interval(Integral, 1, None, closed="left")],
+    "n_leapfrog": [Interval(Integral, 1, None, closed="left")],
+    "step_size": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
+    "n_posterior_samples": [Interval(Integral, 1, None, closed="left")],
+    "n_importance_samples": [Interval(Integral, 1, None, closed="left")],
+    "device": [str, torch.device],
+    "random_state": ["random_state"],
+    "verbose": ["verbose"],
+}
 
 
 @dataclass(frozen=True)
