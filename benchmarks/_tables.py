@@ -1,4 +1,8 @@
-"""Real multi-view tables built from scikit-learn's datasets, standardised per feature.
+"""Every benchmark table, in one place.
+
+**Standardised tables** (``load_table``; what users give JNF): real multi-view tables built from
+scikit-learn's datasets, and tables built to have the properties of those users bring, standardised
+per feature.
 
 Each table is cut into views the way a user would describe the data, split 75 / 25 into
 train / test (stratified by the label, fixed seed), and standardised per feature on the training
@@ -12,6 +16,13 @@ rows (``StandardScaler``): the data users actually give JNF. Labels come along f
 * ``linear-gaussian``: x_m = W_m z + b_m + noise, z ~ N(0, I_5), widths (20, 15, 10), noise sd
   (0.4, 0.6, 0.8), standardised with the model's own mean and standard deviations, so the exact
   covariance (``Table.covariance``) gives the Bayes-optimal predictor and log-likelihood.
+
+**Unit-range sets** (``unit_range_sets``; ``run.py``, side by side with the reference, whose
+decoders end in a sigmoid): three sets of three modalities, ``linear-gaussian`` (the same model),
+``nonlinear`` and ``digits`` (image rows 0-2 / 3-4 / 5-7), every feature scaled on the training
+rows to x' = (x - lo) / (hi - lo), lo and hi the training min / max widened by 10 % of the range on
+each side: training values lie in [1/12, 11/12], test values almost always in [0, 1]. The
+linear-Gaussian set keeps its exact mean and covariance in the scaled space (``Table.mean``).
 """
 
 from __future__ import annotations
@@ -34,14 +45,21 @@ class Table:
     name: str
     train: dict[str, np.ndarray]
     test: dict[str, np.ndarray]
-    y_train: np.ndarray
-    y_test: np.ndarray
-    #: linear-gaussian only: the exact covariance of the stacked standardised features (mean 0).
+    y_train: np.ndarray | None = None  # labels, for linear probes (standardised tables)
+    y_test: np.ndarray | None = None
+    #: Linear-Gaussian tables only: the exact covariance of the stacked features, and their mean
+    #: (None: 0, as standardised).
     covariance: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    description: str = ""
 
     @property
     def names(self) -> list[str]:
         return list(self.train)
+
+    @property
+    def dims(self) -> list[int]:
+        return [x.shape[1] for x in self.train.values()]
 
     @property
     def n_features(self) -> int:
@@ -75,19 +93,28 @@ def _wine_views() -> tuple[dict[str, np.ndarray], np.ndarray]:
     return {"acidity": x[:, :5], "phenols": x[:, 5:9], "colour": x[:, 9:]}, data.target
 
 
-def linear_gaussian(n_train: int = 1500, n_test: int = 500, seed: int = 0) -> Table:
-    """The linear-Gaussian table (module docstring); labels are the sign of the first latent."""
+#: The linear-Gaussian model: latent size, widths of the three views, noise sd of each.
+LINEAR_GAUSSIAN = {"k": 5, "dims": (20, 15, 10), "noise_sds": (0.4, 0.6, 0.8)}
+
+
+def _linear_gaussian_draws(n: int, seed: int):
+    """x = W z + b + noise, z ~ N(0, I_k), for n rows: (x, z, exact mean b, exact covariance)."""
     rng = np.random.default_rng(seed)
-    k, dims, noise_sds = 5, (20, 15, 10), (0.4, 0.6, 0.8)
+    k, dims, noise_sds = LINEAR_GAUSSIAN["k"], LINEAR_GAUSSIAN["dims"], LINEAR_GAUSSIAN["noise_sds"]
     W = rng.normal(size=(sum(dims), k))
     b = rng.normal(size=sum(dims))
     noise = np.concatenate([np.full(d, s) for d, s in zip(dims, noise_sds)])
-    covariance = W @ W.T + np.diag(noise**2)
+    z = rng.normal(size=(n, k))
+    x = z @ W.T + b + rng.normal(size=(n, sum(dims))) * noise
+    return x, z, b, W @ W.T + np.diag(noise**2)
+
+
+def linear_gaussian(n_train: int = 1500, n_test: int = 500, seed: int = 0) -> Table:
+    """The linear-Gaussian table (module docstring); labels are the sign of the first latent."""
+    x, z, b, covariance = _linear_gaussian_draws(n_train + n_test, seed)
     std = np.sqrt(np.diag(covariance))
-    z = rng.normal(size=(n_train + n_test, k))
-    x = (z @ W.T + b + rng.normal(size=(len(z), sum(dims))) * noise - b) / std
-    bounds = np.cumsum([0, *dims])
-    views = {m: x[:, lo:hi].astype(np.float32) for m, lo, hi in zip("abc", bounds[:-1], bounds[1:])}
+    x = (x - b) / std
+    views = _cut(x.astype(np.float32), LINEAR_GAUSSIAN["dims"], "abc")
     y = (z[:, 0] > 0).astype(int)
     return Table(
         "linear-gaussian",
@@ -97,6 +124,12 @@ def linear_gaussian(n_train: int = 1500, n_test: int = 500, seed: int = 0) -> Ta
         y[n_train:],
         covariance / np.outer(std, std),
     )
+
+
+def _cut(x: np.ndarray, dims, names) -> dict[str, np.ndarray]:
+    """Columns of x cut into consecutive views of widths ``dims``."""
+    bounds = np.cumsum([0, *dims])
+    return {m: x[:, lo:hi] for m, lo, hi in zip(names, bounds[:-1], bounds[1:])}
 
 
 def _spectra(n: int = 215, seed: int = 0, channels: int = 100) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -123,9 +156,7 @@ def _linear_views(
     W = rng.normal(size=(sum(dims), k))
     z = rng.normal(size=(n, k))
     x = z @ W.T + noise_sd * rng.normal(size=(n, sum(dims)))
-    bounds = np.cumsum([0, *dims])
-    views = {m: x[:, lo:hi] for m, lo, hi in zip(names, bounds[:-1], bounds[1:])}
-    return views, (z[:, 0] > 0).astype(int), W @ W.T + noise_sd**2 * np.eye(sum(dims))
+    return _cut(x, dims, names), (z[:, 0] > 0).astype(int), W @ W.T + noise_sd**2 * np.eye(sum(dims))
 
 
 def _few_rows(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -139,14 +170,27 @@ def _few_rows(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
 
 
 def bayes_predict(table: Table, X: dict[str, np.ndarray], cond: list[str]) -> dict[str, np.ndarray]:
-    """E[x_m | x_S] for every modality m not in S, from the exact covariance (linear-gaussian)."""
-    bounds = np.cumsum([0, *(x.shape[1] for x in table.train.values())])
-    columns = {m: np.arange(lo, hi) for m, lo, hi in zip(table.names, bounds[:-1], bounds[1:])}
+    """E[x_m | x_S] for every modality m not in S, from the exact mean and covariance (linear tables)."""
+    columns = _cut(np.arange(sum(table.dims))[None, :], table.dims, table.names)
+    columns = {m: c[0] for m, c in columns.items()}
     given = np.concatenate([columns[m] for m in cond])
     cov = table.covariance
+    mean = np.zeros(len(cov)) if table.mean is None else table.mean
     x_s = np.concatenate([X[m] for m in cond], axis=1).astype(np.float64)
-    solved = np.linalg.solve(cov[np.ix_(given, given)], x_s.T)
-    return {m: (cov[np.ix_(columns[m], given)] @ solved).T for m in table.names if m not in cond}
+    solved = np.linalg.solve(cov[np.ix_(given, given)], (x_s - mean[given]).T)
+    targets = [m for m in table.names if m not in cond]
+    return {m: (mean[columns[m]][:, None] + cov[np.ix_(columns[m], given)] @ solved).T for m in targets}
+
+
+def gaussian_log_likelihood(table: Table, X: dict[str, np.ndarray]) -> np.ndarray:
+    """Exact log p(x) per row (linear tables)."""
+    x = np.concatenate([X[m] for m in table.names], axis=1).astype(np.float64)
+    cov = table.covariance
+    mean = np.zeros(len(cov)) if table.mean is None else table.mean
+    chol = np.linalg.cholesky(cov)
+    sol = np.linalg.solve(chol, (x - mean).T)
+    logdet = 2 * np.log(np.diag(chol)).sum()
+    return -0.5 * ((sol**2).sum(0) + logdet + len(mean) * np.log(2 * np.pi))
 
 
 def load_table(name: str, seed: int = 0) -> Table:
@@ -177,3 +221,72 @@ def load_table(name: str, seed: int = 0) -> Table:
         std = np.concatenate(stds)
         covariance = covariance / np.outer(std, std)
     return Table(name, X_train, X_test, y[train], y[test], covariance)
+
+
+# ------------------------------------------------------------------- unit-range sets (run.py)
+UNIT_RANGE_SETS = ("linear-gaussian", "nonlinear", "digits")
+
+
+def _unit_range(x: np.ndarray, n_train: int):
+    """Scale every feature on the first ``n_train`` rows (module docstring): (scaled x, lo, width)."""
+    lo, hi = x[:n_train].min(0), x[:n_train].max(0)
+    margin = 0.1 * (hi - lo)
+    lo, width = lo - margin, (hi - lo) + 2 * margin
+    width = np.where(width > 0, width, 1.0)
+    return (x - lo) / width, lo, width
+
+
+def _unit_range_table(name: str, description: str, x: np.ndarray, dims, n_train: int, scale: bool = True, **exact):
+    if scale:
+        x = _unit_range(x, n_train)[0]
+    views = _cut(x.astype(np.float32), dims, "abc")
+    train = {m: v[:n_train] for m, v in views.items()}
+    test = {m: v[n_train:] for m, v in views.items()}
+    return Table(name, train, test, description=description, **exact)
+
+
+def linear_gaussian_unit_range(n_train: int, n_test: int, seed: int = 0) -> Table:
+    """The linear-Gaussian model (``LINEAR_GAUSSIAN``) in [0, 1], with its exact scaled mean and covariance."""
+    x, _, b, covariance = _linear_gaussian_draws(n_train + n_test, seed)
+    dims = LINEAR_GAUSSIAN["dims"]
+    x, lo, width = _unit_range(x, n_train)
+    exact = {"mean": (b - lo) / width, "covariance": covariance / np.outer(width, width)}
+    description = (
+        f"x_m = W_m z + b_m + noise, z ~ N(0, I_{LINEAR_GAUSSIAN['k']}), widths {dims}, "
+        f"noise sd {LINEAR_GAUSSIAN['noise_sds']}"
+    )
+    return _unit_range_table("linear-gaussian", description, x, dims, n_train, scale=False, **exact)
+
+
+def nonlinear(n_train: int, n_test: int, seed: int = 1) -> Table:
+    """z ~ N(0, I_4); a = sin(1.5 z A), b = tanh(z B) C, c = (z D)^2 / 2; Gaussian noise 0.1."""
+    rng = np.random.default_rng(seed)
+    k, dims = 4, (20, 16, 12)
+    n = n_train + n_test
+    z = rng.normal(size=(n, k))
+    A = rng.normal(size=(k, dims[0])) / np.sqrt(k)
+    B, C = rng.normal(size=(k, 32)), rng.normal(size=(32, dims[1])) / np.sqrt(32)
+    D = rng.normal(size=(k, dims[2])) / np.sqrt(k)
+    views = [np.sin(1.5 * z @ A), np.tanh(z @ B) @ C, 0.5 * (z @ D) ** 2]
+    x = np.concatenate([v + 0.1 * rng.normal(size=v.shape) for v in views], axis=1)
+    description = f"sin / tanh-MLP / square views of z ~ N(0, I_{k}), widths {dims}"
+    return _unit_range_table("nonlinear", description, x, dims, n_train)
+
+
+def digit_rows(n_test: int, seed: int = 0) -> Table:
+    """scikit-learn's 8x8 digits (1,797 images): rows 0-2 / 3-4 / 5-7 of the image, pixels / 16."""
+    images = load_digits().images.astype(np.float64) / 16.0
+    images = images[np.random.default_rng(seed).permutation(len(images))]
+    x = images.reshape(len(images), -1)  # image rows 0-2, 3-4 and 5-7 are consecutive columns
+    description = "sklearn digits, image rows 0-2 / 3-4 / 5-7 (24 / 16 / 24 pixels, /16)"
+    return _unit_range_table("digits", description, x, (24, 16, 24), len(images) - n_test, scale=False)
+
+
+def unit_range_sets(n_train: int, n_test: int, which=UNIT_RANGE_SETS) -> list[Table]:
+    """The sets ``run.py`` compares both implementations on (module docstring)."""
+    makers = {
+        "linear-gaussian": lambda: linear_gaussian_unit_range(n_train, n_test),
+        "nonlinear": lambda: nonlinear(n_train, n_test),
+        "digits": lambda: digit_rows(n_test),
+    }
+    return [makers[name]() for name in which]

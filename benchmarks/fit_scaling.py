@@ -1,7 +1,7 @@
 """How a default fit grows with the rows: 10^3, 10^4 and 10^5 rows of a three-view table.
 
 ``JNFEstimator(random_state=0)`` at its defaults (early stopping) on the nonlinear table of
-``_data.py`` (three views of 20, 16 and 12 features), each size in a fresh process so that the
+``_tables.py`` (three views of 20, 16 and 12 features), each size in a fresh process so that the
 peak memory is that size's alone. Reported per size: the fit's wall time, the epochs each stage
 ran, the seconds per epoch of each stage (skorch's ``dur``), what is left outside the two
 training loops (validation split, linear paths, route choices, calibration), and the peak
@@ -35,7 +35,7 @@ def _status_kb(field: str) -> int:
 
 
 def worker(n_rows: int) -> dict:
-    from _data import nonlinear
+    from _tables import nonlinear
 
     from skjnf import JNFEstimator
 
