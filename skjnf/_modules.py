@@ -399,7 +399,7 @@ class JNFModule(nn.Module):
         self.register_buffer("subset_routes", torch.arange(n_routes, dtype=torch.long))
         # Per subset bitmask and target modality, the bitmask of the conditioning set whose posterior
         # mean predicts that target (itself unless a subset predicted it better on held-out rows;
-        # see _inference.choose_target_routes).
+        # see _routing.choose_target_routes).
         n_target_routes = n_routes if len(names) <= MAX_TARGET_ROUTED_MODALITIES else 0
         target_routes = torch.arange(n_target_routes, dtype=torch.long)[:, None].repeat(1, len(names))
         self.register_buffer("target_routes", target_routes)

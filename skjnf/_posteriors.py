@@ -244,7 +244,7 @@ class ProductPosterior:
 
     ``linearized`` maps (modality, row chunk) to that expert's linearisation; products over
     several subsets of the same rows share one dict, so each expert is linearised once
-    (:func:`choose_target_routes`: 170 flow Jacobians on digits6 otherwise, for 6 experts).
+    (:func:`~skjnf._routing.choose_target_routes`: 170 flow Jacobians on digits6 otherwise, for 6 experts).
     """
 
     def __init__(self, module: JNFModule, blocks: dict[str, Tensor], cond: Sequence[str], n: int, linearized=None):

@@ -181,7 +181,7 @@ def choose_target_routes(
     prediction worse. The subset posterior serves every S with one network; where one view
     determines the latent almost alone, its mean for S follows that view even for a target the
     others predict better. This is model selection on validation rows, the way
-    :func:`~skjnf._modules.choose_subset_routes` chooses ``transform``'s posterior; it needs
+    :func:`choose_subset_routes` chooses ``transform``'s posterior; it needs
     2^M - 2 posterior means, so it runs for M <= ``MAX_TARGET_ROUTED_MODALITIES``.
     ``module.target_routes[S, t]`` gets the bitmask of the set to use; returns
     ``{"a+b": {"c": "a"}}`` for the pairs routed elsewhere.
