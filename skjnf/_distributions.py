@@ -89,6 +89,12 @@ class FlowDistribution:
         """log q(z | x) of z (..., n, D) or (..., D) broadcastable to the rows: (..., n)."""
         return expert_log_prob(z, self.loc, self.log_var, self.flow)
 
+    def sample(self, n_draws: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n_draws`` independent draws per row, (n_draws, n, D), without gradients."""
+        noise = torch.randn(n_draws, *self.loc.shape, generator=generator, device=self.loc.device, dtype=self.loc.dtype)
+        with torch.no_grad():
+            return self.rsample(noise)
+
     def rsample(self, noise: Tensor) -> Tensor:
         """Draws (k, n, D) from standard normal base noise (k, n, D) or (k, 1, D) shared by the rows."""
         return self.rsample_and_log_prob(noise, with_log_prob=False)[0]

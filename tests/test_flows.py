@@ -307,3 +307,34 @@ def test_identity_flow():
     for direction in (IdentityFlow().forward, IdentityFlow().inverse):
         out, log_det = direction(z)
         assert torch.equal(out, z) and torch.equal(log_det, torch.zeros(2, 5))
+
+
+def test_flow_distribution_draws_and_density_are_the_pushforward_of_its_base():
+    """Catches a FlowDistribution drawing with the variance as scale, or its density missing the
+    flow's log-determinant: through an affine flow z = (u - b) / s its draws have mean (μ - b) / s
+    and standard deviation σ / s, and log q(z) = log N(u; μ, σ²) + Σ log s."""
+    from skjnf._distributions import FlowDistribution, gaussian_log_prob
+
+    class Affine(torch.nn.Module):  # u = s z + b
+        s, b = torch.tensor([2.0, 0.5], dtype=torch.float64), torch.tensor([1.0, -1.0], dtype=torch.float64)
+
+        def forward(self, z):
+            return self.s * z + self.b, torch.log(self.s).sum().expand(z.shape[:-1])
+
+        def inverse(self, u):
+            return (u - self.b) / self.s, -torch.log(self.s).sum().expand(u.shape[:-1])
+
+    loc = torch.tensor([[0.0, 3.0], [1.0, -2.0]], dtype=torch.float64)
+    log_var = torch.log(torch.tensor([[4.0, 1.0], [0.25, 9.0]], dtype=torch.float64))
+    flow = Affine()
+    q = FlowDistribution(loc, log_var, flow)
+    draws = q.sample(200_000, torch.Generator().manual_seed(0))
+    sd = torch.exp(0.5 * log_var) / flow.s
+    se = sd / len(draws) ** 0.5  # of the mean; the standard deviation's is se / sqrt(2)
+    assert ((draws.mean(0) - (loc - flow.b) / flow.s).abs() < 5 * se).all()
+    assert ((draws.std(0) - sd).abs() < 5 * se).all()
+    z = draws[:5]
+    expected = gaussian_log_prob(flow.s * z + flow.b, loc, log_var) + torch.log(flow.s).sum()
+    torch.testing.assert_close(q.log_prob(z), expected)
+    torch.testing.assert_close(q.rsample_and_log_prob(torch.randn(3, 1, 2, dtype=torch.float64))[1].shape, (3, 2))
+    torch.testing.assert_close(q.rows(slice(1, 2)).loc, loc[1:2])
