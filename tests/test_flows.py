@@ -316,7 +316,7 @@ def test_flow_distribution_draws_and_density_are_the_pushforward_of_its_base():
     from skjnf._distributions import FlowDistribution, gaussian_log_prob
 
     class Affine(torch.nn.Module):  # u = s z + b
-        s, b = torch.tensor([2.0, 0.5], dtype=torch.float64), torch.tensor([1.0, -1.0], dtype=torch.float64)
+        s, b = torch.tensor([2.0, 1.5], dtype=torch.float64), torch.tensor([1.0, -1.0], dtype=torch.float64)
 
         def forward(self, z):
             return self.s * z + self.b, torch.log(self.s).sum().expand(z.shape[:-1])
