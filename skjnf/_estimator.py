@@ -26,7 +26,7 @@ from ._persistence import plain_state, resolve_device, restored_state
 from ._posteriors import HMCSettings, HMCStats
 from ._routing import fitted_choices
 from ._spec import PARAMETER_CONSTRAINTS, model_spec
-from ._validation import ARRAY, MAPPING, ModalityData, check_int, validate_X
+from ._validation import ARRAY, MAPPING, ModalityData, check_cond_mod, check_int, row_conditioning, validate_X
 
 __all__ = ["JNFEstimator"]
 
@@ -373,17 +373,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------ inference
     def _conditioning(self, cond_mod) -> np.ndarray:
         """Boolean mask over modalities from ``cond_mod`` (call argument, else the parameter)."""
-        cond_mod = self.cond_mod if cond_mod is None else cond_mod
-        names = self.modality_names_
-        if cond_mod is None:
-            return np.ones(len(names), dtype=bool)
-        requested = [cond_mod] if isinstance(cond_mod, str) else list(cond_mod)
-        if not requested:
-            raise ValueError("cond_mod is an empty list; name at least one modality or pass None.")
-        for name in requested:
-            if name not in names:
-                raise ValueError(f"Unknown modality {name!r} in cond_mod; known modalities are {names}.")
-        return np.isin(names, requested)
+        return check_cond_mod(self.cond_mod if cond_mod is None else cond_mod, self.modality_names_)
 
     def _inference(self, random_state=None) -> Inference:
         """The inference object of one call (HMC chains sized for ``n_posterior_samples``)."""
@@ -400,15 +390,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
 
     def _row_conditioning(self, data: ModalityData, cond_mod) -> np.ndarray:
         """(n, M) mask of the modalities each row is conditioned on: observed and requested."""
-        requested = self._conditioning(cond_mod)
-        conditioning = data.observed & requested[None, :]
-        empty = np.flatnonzero(~conditioning.any(axis=1))
-        if len(empty):
-            raise ValueError(
-                f"Row(s) {empty[:10].tolist()} observe none of the conditioning modalities "
-                f"{[n for n, c in zip(self.modality_names_, requested) if c]}."
-            )
-        return conditioning
+        return row_conditioning(data.observed, self._conditioning(cond_mod), self.modality_names_)
 
     def _latents(self, X, cond_mod, n_draws, random_state=None) -> tuple[ModalityData, np.ndarray, HMCStats]:
         """Posterior means (n, D) or ``n_draws`` draws (n_draws, n, D) of X's rows given ``cond_mod``,

@@ -20,6 +20,8 @@ __all__ = [
     "modalities_from_prefix",
     "resolve_layout",
     "validate_X",
+    "check_cond_mod",
+    "row_conditioning",
 ]
 
 _FLOAT_DTYPES = (np.float64, np.float32)
@@ -135,6 +137,33 @@ def check_int(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}.")
     return int(value)
+
+
+def check_cond_mod(cond_mod, names) -> np.ndarray:
+    """Boolean mask over modalities ``names`` from ``cond_mod`` (None: every modality); an empty or
+    unknown name is a ValueError."""
+    if cond_mod is None:
+        return np.ones(len(names), dtype=bool)
+    requested = [cond_mod] if isinstance(cond_mod, str) else list(cond_mod)
+    if not requested:
+        raise ValueError("cond_mod is an empty list; name at least one modality or pass None.")
+    for name in requested:
+        if name not in names:
+            raise ValueError(f"Unknown modality {name!r} in cond_mod; known modalities are {list(names)}.")
+    return np.isin(names, requested)
+
+
+def row_conditioning(observed: np.ndarray, requested: np.ndarray, names) -> np.ndarray:
+    """(n, M) mask of the modalities each row is conditioned on: observed and ``requested`` (M,);
+    a row left with none is a ValueError naming it."""
+    conditioning = observed & requested[None, :]
+    empty = np.flatnonzero(~conditioning.any(axis=1))
+    if len(empty):
+        raise ValueError(
+            f"Row(s) {empty[:10].tolist()} observe none of the conditioning modalities "
+            f"{[n for n, c in zip(names, requested) if c]}."
+        )
+    return conditioning
 
 
 def _describe(spec) -> str:
