@@ -97,10 +97,21 @@ class JointEncoder(nn.Module):
     q(z | x_O) for any observed set O: on complete rows it is exactly the complete-data encoder
     (same weights, same function), which a pooled encoder would not be. The vectors are trained
     only when ``fit`` sees incomplete rows.
+
+    Given ``in_features`` (the default MLP trunks), the mean also has a **linear path** from each
+    modality's input, ``skips[j]`` (zero at the start; a missing modality's path is the learned
+    vector ``missing_skips[j]``): the MLP learns what a linear map of the inputs leaves. Without
+    it, stage 1 did not find the linear part of the posterior mean within its epochs
+    (docs/user_guide/concepts.md, "Linear paths").
     """
 
     def __init__(
-        self, trunks: Sequence[nn.Module], trunk_widths: Sequence[int], hidden_sizes: Sequence[int], latent_dim: int
+        self,
+        trunks: Sequence[nn.Module],
+        trunk_widths: Sequence[int],
+        hidden_sizes: Sequence[int],
+        latent_dim: int,
+        in_features: Sequence[int] | None = None,
     ):
         super().__init__()
         self.trunks = nn.ModuleList(trunks)
@@ -108,6 +119,12 @@ class JointEncoder(nn.Module):
         joint_in = sum(trunk_widths)
         self.body = mlp(joint_in, hidden_sizes)
         self.head = GaussianHead(_out_width(joint_in, hidden_sizes), latent_dim)
+        self.skips = None
+        if in_features is not None:
+            self.skips = nn.ModuleList(nn.Linear(d, latent_dim, bias=False) for d in in_features)
+            for skip in self.skips:
+                nn.init.zeros_(skip.weight)
+            self.missing_skips = nn.ParameterList(nn.Parameter(torch.zeros(latent_dim)) for _ in in_features)
 
     def forward(self, blocks: Sequence[Tensor], observed: Tensor | None = None) -> tuple[Tensor, Tensor]:
         features = [trunk(x) for trunk, x in zip(self.trunks, blocks)]
@@ -116,22 +133,36 @@ class JointEncoder(nn.Module):
                 torch.where(observed[:, j : j + 1], h, missing.to(h.dtype))
                 for j, (h, missing) in enumerate(zip(features, self.missing_features))
             ]
-        return self.head(self.body(torch.cat(features, dim=-1)))
+        mean, log_var = self.head(self.body(torch.cat(features, dim=-1)))
+        if self.skips is not None:
+            for j, (skip, x) in enumerate(zip(self.skips, blocks)):
+                path = skip(x.flatten(1))
+                if observed is not None:
+                    path = torch.where(observed[:, j : j + 1], path, self.missing_skips[j].to(path.dtype))
+                mean = mean + path
+        return mean, log_var
 
 
 class Decoder(nn.Module):
     """g_m: z (…, D) → natural parameters (…, d_m); linear output, no activation.
 
     ``widths`` run from the latent outwards (the default model passes ``hidden_sizes`` reversed).
+    With hidden layers, a linear path from z (``skip``, zero at the start) sits beside the MLP, as
+    in the joint encoder.
     """
 
     def __init__(self, latent_dim: int, widths: Sequence[int], out_features: int):
         super().__init__()
         self.body = mlp(latent_dim, widths)
         self.out = nn.Linear(_out_width(latent_dim, widths), out_features)
+        self.skip = None
+        if len(widths):
+            self.skip = nn.Linear(latent_dim, out_features, bias=False)
+            nn.init.zeros_(self.skip.weight)
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.out(self.body(z))
+        out = self.out(self.body(z))
+        return out if self.skip is None else out + self.skip(z)
 
 
 #: Hidden width of the subset encoder's own view of each input (next to the frozen trunk's features).
@@ -348,7 +379,10 @@ class JNFModule(nn.Module):
         ]
         with torch.no_grad():  # trunk widths, from a probe
             widths = [trunk(torch.zeros(2, *s)).shape[-1] for trunk, s in zip(trunks, self.in_shapes)]
-        self.joint_encoder = JointEncoder(trunks, widths, hidden_sizes, latent_dim)
+        # a linear path beside the joint MLP when the trunks are the default MLPs (not a user's)
+        linear = len(hidden_sizes) and not any(p.get("trunk") for p in parts)
+        in_features = [math.prod(s) for s in self.in_shapes] if linear else None
+        self.joint_encoder = JointEncoder(trunks, widths, hidden_sizes, latent_dim, in_features)
         out_shapes = [
             shape if lik.n_outputs == math.prod(shape) else (lik.n_outputs,) for lik, shape in zip(likelihoods, shapes)
         ]

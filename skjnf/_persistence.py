@@ -23,10 +23,12 @@ RENAMED_PARAMETERS = {"decoder": "likelihood", "decoder_scale": "likelihood_scal
 _AS_IN_0_1 = {"subset_posterior": "product_prior", "expert_weight_decay": 0.0}
 
 #: Module state added since 0.1; a pickle without them gets their defaults, the old behaviour:
-#: no routes, no Gaussian products, no linear paths beside the experts' MLPs, no clipping to
-#: fit's input ranges, no learned features for missing modalities.
+#: no routes, no Gaussian products, no linear paths beside the MLPs, no clipping to fit's input
+#: ranges, no learned features for missing modalities.
 _ADDED_STATE = ("target_routes", "subset_products")
-_ADDED_SUFFIXES = (".linear_weight", ".linear_bias")
+_ADDED_SUFFIXES = (".linear_weight", ".linear_bias", ".skip.weight")
+#: The joint encoder's linear paths (zero: the MLP alone, as before them).
+_ADDED_PARTS = (".missing_features.", "joint_encoder.skips.", "joint_encoder.missing_skips.")
 #: The amortised subset posterior, its routes and the aggregate posterior's fit, all added in 0.2.
 _ADDED_IN_0_2 = ("subset_encoder.", "subset_flow.", "subset_routes", "aggregate_")
 
@@ -98,7 +100,7 @@ def restored_state(state: dict, defaults: dict) -> dict:
         weights = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
         for key, value in module.state_dict().items():
             new = key in _ADDED_STATE or key.endswith(_ADDED_SUFFIXES)
-            filled = new or ".missing_features." in key or key.startswith("input_ranges.")
+            filled = new or any(part in key for part in _ADDED_PARTS) or key.startswith("input_ranges.")
             # a 0.1 model has no subset posterior: these are unused by "product_prior"
             if filled or (from_0_1 and key.startswith(_ADDED_IN_0_2)):
                 weights.setdefault(key, value)

@@ -261,13 +261,18 @@ def test_column_transformer_output_split_by_prefix(views):
 
 def test_decoder_widths_mirror_the_encoder_unless_given(views):
     X, _, _ = views
-    linear_widths = lambda net: [m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear)]  # noqa: E731
+
+    def linear_widths(net):  # the MLP's layers; a decoder's linear path from z is checked apart
+        return [m.out_features for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and n != "skip"]
+
     mirrored = small_jnf(hidden_sizes=(16, 8), joint_epochs=1, flow_epochs=1).fit(X)
     assert linear_widths(mirrored.module_.decoders[0]) == [8, 16, 6]
+    assert mirrored.module_.decoders[0].skip.weight.shape == (6, 2)  # beside the MLP: z -> x
     light = small_jnf(hidden_sizes=(16, 8), decoder_hidden_sizes=(32,), joint_epochs=1, flow_epochs=1).fit(X)
     assert linear_widths(light.module_.decoders[0]) == [32, 6]
     assert linear_widths(light.module_.joint_encoder.trunks[0]) == [16, 8]
     affine = small_jnf(decoder_hidden_sizes=(), joint_epochs=1, flow_epochs=1).fit(X)
     assert linear_widths(affine.module_.decoders[1]) == [4]
+    assert affine.module_.decoders[1].skip is None  # already linear
     with pytest.raises(ValueError, match="decoder_hidden_sizes must be a sequence of positive ints"):
         small_jnf(decoder_hidden_sizes=(4, 0)).fit(X)

@@ -108,9 +108,10 @@ def test_marginal_likelihood_of_incomplete_rows_approaches_the_exact_marginal(li
         X = {m: (x if m in observed else np.full_like(x, np.nan)) for m, x in test.items()}
         exact = truth.log_pdf(test, observed).mean()
         # rows share their base noise (common random numbers), so K = 1 is one draw for all rows:
-        # its mean over rows is the ELBO only averaged over inference seeds
+        # its mean over rows is the ELBO only averaged over inference seeds (sd 0.3 nats across
+        # seeds here: 200 of them put the average within 0.02 of the ELBO)
         elbo_gaps, fitted_seed = [], est._inference_seed
-        for seed in range(10):
+        for seed in range(200):
             est._inference_seed = seed
             elbo_gaps.append(exact - est.set_params(n_importance_samples=1).score(X))
         est._inference_seed = fitted_seed
@@ -150,6 +151,9 @@ def test_joint_posterior_ignores_the_values_of_missing_modalities():
     observed = torch.tensor([[True, False, True]] * 6)
     with torch.no_grad():
         module.joint_encoder.missing_features[1].normal_()
+        for skip in module.joint_encoder.skips:  # the linear paths read the inputs too
+            skip.weight.normal_()
+        module.joint_encoder.missing_skips[1].normal_()
         before = module.joint_posterior(blocks, observed)
         after = module.joint_posterior({**blocks, "m1": 100 * blocks["m1"]}, observed)
         complete = module.joint_posterior(blocks, torch.ones(6, 3, dtype=torch.bool))
