@@ -70,7 +70,9 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         Dimension D of the shared latent space.
     hidden_sizes : tuple of int, default=(256, 256)
         Widths of the encoder MLPs (and of the decoders, reversed, unless
-        ``decoder_hidden_sizes`` is given). See the User Guide, "Choosing the size and the
+        ``decoder_hidden_sizes`` is given). Beside each MLP sits a linear path (the joint
+        encoder's mean from the inputs, each decoder from z, each expert's mean set by ridge
+        regression): the MLPs learn what a linear map leaves (User Guide, "Concepts"). See the User Guide, "Choosing the size and the
         training settings", for how the training defaults were chosen.
     decoder_hidden_sizes : tuple of int or None, default=None
         Widths of the decoder MLPs, from the latent outwards; ``None`` uses ``hidden_sizes``
