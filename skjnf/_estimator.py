@@ -72,8 +72,9 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         Widths of the encoder MLPs (and of the decoders, reversed, unless
         ``decoder_hidden_sizes`` is given). Beside each MLP sits a linear path (the joint
         encoder's mean from the inputs, each decoder from z, each expert's mean set by ridge
-        regression): the MLPs learn what a linear map leaves (User Guide, "Concepts"). See the User Guide, "Choosing the size and the
-        training settings", for how the training defaults were chosen.
+        regression): the MLPs learn what a linear map leaves (User Guide, "Concepts"). See the
+        User Guide, "Choosing the size and the training settings", for how the training
+        defaults were chosen.
     decoder_hidden_sizes : tuple of int or None, default=None
         Widths of the decoder MLPs, from the latent outwards; ``None`` uses ``hidden_sizes``
         reversed. A lighter decoder (e.g. ``(512,)``) trains faster and makes ``score``'s
@@ -497,7 +498,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         Z = check_array(Z, dtype=[np.float32, np.float64])
         if Z.shape[1] != self.latent_dim:
             raise ValueError(f"Z has {Z.shape[1]} columns; JNFEstimator's latent_dim is {self.latent_dim}.")
-        decoded = self._inference().decode(torch.from_numpy(Z), "predict", self.modality_names_)
+        decoded = self._inference().decode(torch.from_numpy(np.ascontiguousarray(Z)), "predict", self.modality_names_)
         decoded = {m: x.cpu().numpy().astype(Z.dtype, copy=False) for m, x in decoded.items()}
         return self._fitted_container().rebuild(decoded, self._layout)
 

@@ -105,6 +105,8 @@ def test_inverse_transform_decodes_latents_as_predict_does(fitted, views):
         np.testing.assert_array_equal(decoded[m], predicted[m])
     with pytest.raises(ValueError, match="Z has 3 columns; JNFEstimator's latent_dim is 2"):
         fitted.inverse_transform(np.zeros((4, 3)))
+    reversed_rows = fitted.inverse_transform(fitted.transform(X)[::-1])  # a view with negative strides
+    np.testing.assert_array_equal(reversed_rows["a"], decoded["a"][::-1])
     array = np.hstack([X[m] for m in "abc"])
     jnf = small_jnf(joint_epochs=2, flow_epochs=2, modalities={"a": 6, "b": 4, "c": 3}).fit(array)
     np.testing.assert_array_equal(jnf.inverse_transform(jnf.transform(array)), jnf.predict(array))
