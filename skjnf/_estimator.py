@@ -37,6 +37,11 @@ def _seeds(random_state, n: int) -> list[int]:
     return [int(s) for s in np.random.SeedSequence(base).generate_state(n)]
 
 
+def _as_arrays(tensors: dict[str, torch.Tensor], dtype) -> dict[str, np.ndarray]:
+    """Each tensor as a numpy array of ``dtype`` (the input's float type): one copy off the device."""
+    return {m: x.cpu().numpy().astype(dtype, copy=False) for m, x in tensors.items()}
+
+
 class JNFEstimator(TransformerMixin, BaseEstimator):
     """Joint Normalizing Flows: a multimodal VAE with flow-enriched unimodal posteriors.
 
@@ -476,7 +481,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         conditioning = self._row_conditioning(data, cond_mod)
         decoded = inference.predictions(data, conditioning, output, names or self.modality_names_)
         inference.stats.warn()
-        return data, {m: x.cpu().numpy().astype(data.dtype, copy=False) for m, x in decoded.items()}
+        return data, _as_arrays(decoded, data.dtype)
 
     def inverse_transform(self, Z):
         """Decode latents into every modality: the point prediction of each likelihood at z.
@@ -499,8 +504,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         if Z.shape[1] != self.latent_dim:
             raise ValueError(f"Z has {Z.shape[1]} columns; JNFEstimator's latent_dim is {self.latent_dim}.")
         decoded = self._inference().decode(torch.from_numpy(np.ascontiguousarray(Z)), "predict", self.modality_names_)
-        decoded = {m: x.cpu().numpy().astype(Z.dtype, copy=False) for m, x in decoded.items()}
-        return self._fitted_container().rebuild(decoded, self._layout)
+        return self._fitted_container().rebuild(_as_arrays(decoded, Z.dtype), self._layout)
 
     def _fitted_container(self):
         """The container of fit's input: a dict, or one 2-D array."""
@@ -565,8 +569,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
             as_dict = self._layout.columns is None or data.container.kind == "mapping"
             dtype, container = data.dtype, MAPPING if as_dict else ARRAY
         decoded = inference.decode(z, output, self.modality_names_, seed=inference.settings.seed + 1)
-        decoded = {m: x.cpu().numpy().astype(dtype, copy=False) for m, x in decoded.items()}
-        return container.rebuild(decoded, self._layout)
+        return container.rebuild(_as_arrays(decoded, dtype), self._layout)
 
     def score_samples(self, X, cond_mod=None):
         """Estimated log-likelihood of each row.

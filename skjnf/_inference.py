@@ -60,10 +60,7 @@ class Inference:
         module, settings, device = self.module, self.settings, self.device
         shape = (data.n_samples, module.latent_dim) if n_draws is None else (n_draws, data.n_samples, module.latent_dim)
         out = torch.empty(shape, device=device)
-        for pattern, rows in pattern_groups(conditioning):
-            cond = [m for m, on in zip(module.names, pattern) if on]
-            index = torch.from_numpy(rows)
-            blocks = {m: data.blocks[m][index].to(device) for m in cond}
+        for pattern, rows, cond, blocks in self._by_pattern(data, conditioning):
             found = posterior(
                 module,
                 blocks,
@@ -79,7 +76,7 @@ class Inference:
                 z = found.mean(settings.n_posterior_samples, generator)
             else:
                 z = found.sample(n_draws, generator)
-            out[..., index.to(device), :] = z
+            out[..., torch.from_numpy(rows).to(device), :] = z
         return out
 
     @torch.no_grad()
@@ -133,18 +130,23 @@ class Inference:
         pattern's own)."""
         module, settings, device = self.module, self.settings, self.device
         out = torch.empty(data.n_samples, dtype=torch.float64, device=device)
-        for pattern, rows in pattern_groups(data.observed):
-            cond = [m for m, on in zip(module.names, pattern) if on]
-            index = torch.from_numpy(rows)
-            blocks = {m: data.blocks[m][index].to(device) for m in cond}
+        for pattern, rows, cond, blocks in self._by_pattern(data, data.observed):
             if len(cond) == len(module.names):
                 generator = torch.Generator(device=device).manual_seed(settings.seed)
                 log_p = joint_log_likelihood(module, blocks, settings.n_importance_samples, generator)
             else:
                 generator = pattern_generator(settings.seed, pattern, device)
                 log_p = observed_log_likelihood(module, blocks, cond, settings.n_importance_samples, generator)
-            out[index.to(device)] = log_p
+            out[torch.from_numpy(rows).to(device)] = log_p
         return out
+
+    def _by_pattern(self, data, masks: np.ndarray):
+        """For each pattern of ``masks`` (n, M): (pattern, its rows, the modalities it marks, their
+        blocks for those rows on the module's device)."""
+        for pattern, rows in pattern_groups(masks):
+            cond = [m for m, on in zip(self.module.names, pattern) if on]
+            index = torch.from_numpy(rows)
+            yield pattern, rows, cond, {m: data.blocks[m][index].to(self.device) for m in cond}
 
 
 def pattern_groups(observed: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
