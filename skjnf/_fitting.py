@@ -16,6 +16,7 @@ from ._batch import StageBatch
 from ._contracts import check_contracts
 from ._distributions import reparameterize
 from ._modules import (
+    SUBSET_INPUT_MARGIN,
     TRUNK_CACHE_BYTES,
     JNFModule,
     UnimodalEncoder,
@@ -375,6 +376,9 @@ def _with_joint_posterior(module: JNFModule, data: StageBatch) -> StageBatch:
             width = sum(readout.in_features for readout in module.subset_encoder.readouts)
             if len(mean) * width * mean.element_size() <= TRUNK_CACHE_BYTES:
                 trunks = module.joint_encoder.trunks
-                inputs = [module.encoder_input(j, data.blocks[name]) for j, name in enumerate(module.names)]
+                inputs = [
+                    module.encoder_input(j, data.blocks[name], SUBSET_INPUT_MARGIN)
+                    for j, name in enumerate(module.names)
+                ]
                 data = data.replace(trunk_features=torch.cat([trunk(x) for trunk, x in zip(trunks, inputs)], dim=-1))
     return data

@@ -181,20 +181,26 @@ def _clipped_copy(X, modality, value, rows=slice(0, 5)):
     return out
 
 
-@pytest.mark.parametrize("cond", [["a"], ["a", "b"], ["a", "c"]])
-def test_cross_modal_encoders_read_each_feature_clipped_to_its_range_in_fit(fitted, views, cond):
+@pytest.mark.parametrize(("cond", "margin"), [(["a"], 0.05), (["a", "b"], 1.0)])
+def test_cross_modal_encoders_clip_each_feature_a_margin_beyond_its_range_in_fit(fitted, views, cond, margin):
+    """Catches the clip dropped (rows far out move the latent), the bound at the range itself
+    (a row within the margin is clipped) and each encoder given the other's margin (the experts'
+    EXPERT_INPUT_MARGIN, the subset encoder's SUBSET_INPUT_MARGIN, as measured in _modules)."""
     X, _, _ = views
     est = copy.deepcopy(fitted)
     est.module_.subset_routes.copy_(torch.arange(8))  # pairs through the subset encoder, not an expert
+    est.module_.subset_products.zero_()  # nor the product of the experts
+    low, high = X["a"].min(0), X["a"].max(0)
     far = _clipped_copy(X, "a", 1e3)  # five rows far beyond what fit saw, in every feature of a
-    at_edge = _clipped_copy(X, "a", X["a"].max(0))
-    np.testing.assert_allclose(est.transform(far, cond_mod=cond), est.transform(at_edge, cond_mod=cond))
-    assert not np.allclose(est.transform(at_edge, cond_mod=cond)[:5], est.transform(X, cond_mod=cond)[:5])
+    at_bound = _clipped_copy(X, "a", high + margin * (high - low))
+    inside = _clipped_copy(X, "a", high + 0.9 * margin * (high - low))
+    np.testing.assert_allclose(est.transform(far, cond_mod=cond), est.transform(at_bound, cond_mod=cond), rtol=1e-5)
+    assert not np.allclose(est.transform(inside, cond_mod=cond)[:5], est.transform(at_bound, cond_mod=cond)[:5])
 
 
 def test_joint_encoder_and_likelihood_read_values_as_they_are(fitted, views):
     X, _, _ = views
-    far, at_edge = _clipped_copy(X, "a", 1e3), _clipped_copy(X, "a", X["a"].max(0))
+    far, at_edge = _clipped_copy(X, "a", 1e3), _clipped_copy(X, "a", X["a"].max(0) + 2 * np.ptp(X["a"], 0))
     assert not np.allclose(fitted.transform(far)[:5], fitted.transform(at_edge)[:5])
     np.testing.assert_array_equal(fitted.transform(far)[5:], fitted.transform(at_edge)[5:])
     assert (fitted.score_samples(far)[:5] < fitted.score_samples(at_edge)[:5] - 1e3).all()
