@@ -181,7 +181,7 @@ def _clipped_copy(X, modality, value, rows=slice(0, 5)):
     return out
 
 
-@pytest.mark.parametrize(("cond", "margin"), [(["a"], 0.05), (["a", "b"], 1.0)])
+@pytest.mark.parametrize(("cond", "margin"), [(["a"], 0.05), (["a", "b"], 3.0)])
 def test_cross_modal_encoders_clip_each_feature_a_margin_beyond_its_range_in_fit(fitted, views, cond, margin):
     """Catches the clip dropped (rows far out move the latent), the bound at the range itself
     (a row within the margin is clipped) and each encoder given the other's margin (the experts'
