@@ -76,10 +76,11 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         within 0.04 of one on PCA of the same size on every table measured (above it on the
         digits and cancer), and one view was predicted from another better than RidgeCV on the
         digits (``benchmarks/results/cross_modal.md``); larger sizes cost time (the six-view
-        digits: 24 s at 10, 44 s at 32). If ``active_dims_`` equals ``latent_dim`` the model uses every
-        dimension: compare larger sizes by ``score`` (e.g. ``GridSearchCV``); a prediction from
-        many views that are near-linear maps of each other needs about as many dimensions as
-        their shared rank (User Guide, "Choosing the size and the training settings").
+        digits: 24 s at 10, 44 s at 32). If ``active_dims_`` equals ``latent_dim`` the model
+        uses every dimension: compare larger sizes by ``score`` (e.g. ``GridSearchCV``); a
+        prediction from many views that are near-linear maps of each other needs about as many
+        dimensions as their shared rank (User Guide, "Choosing the size and the training
+        settings").
     hidden_sizes : tuple of int, default=(256, 256)
         Widths of the encoder MLPs (and of the decoders, reversed, unless
         ``decoder_hidden_sizes`` is given). Beside each MLP sits a linear path (the joint
