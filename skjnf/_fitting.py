@@ -16,7 +16,6 @@ from ._batch import StageBatch
 from ._contracts import check_contracts
 from ._distributions import reparameterize
 from ._modules import (
-    SUBSET_INPUT_MARGIN,
     TRUNK_CACHE_BYTES,
     JNFModule,
     UnimodalEncoder,
@@ -375,10 +374,6 @@ def _with_joint_posterior(module: JNFModule, data: StageBatch) -> StageBatch:
         if module.subset_encoder is not None:
             width = sum(readout.in_features for readout in module.subset_encoder.readouts)
             if len(mean) * width * mean.element_size() <= TRUNK_CACHE_BYTES:
-                trunks = module.joint_encoder.trunks
-                inputs = [
-                    module.encoder_input(j, data.blocks[name], SUBSET_INPUT_MARGIN)
-                    for j, name in enumerate(module.names)
-                ]
-                data = data.replace(trunk_features=torch.cat([trunk(x) for trunk, x in zip(trunks, inputs)], dim=-1))
+                features = module.subset_trunk_features(module.subset_inputs(data.blocks))
+                data = data.replace(trunk_features=torch.cat(features, dim=-1))
     return data

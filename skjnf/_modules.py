@@ -521,17 +521,26 @@ class JNFModule(nn.Module):
         ``SUBSET_INPUT_MARGIN`` first), or from ``trunk_features`` where stage 2 computed the frozen
         trunks' features once.
         """
-        inputs = [
-            self.encoder_input(j, blocks[name], SUBSET_INPUT_MARGIN) if name in blocks else None
-            for j, name in enumerate(self.names)
-        ]
+        inputs = self.subset_inputs(blocks)
         if trunk_features is not None:
             cached = trunk_features.split([r.in_features for r in self.subset_encoder.readouts], dim=-1)
             features = [None if x is None else h for h, x in zip(cached, inputs)]
         else:
-            features = [None if x is None else trunk(x) for trunk, x in zip(self.joint_encoder.trunks, inputs)]
+            features = self.subset_trunk_features(inputs)
         flat = [None if x is None else x.reshape(len(x), -1) for x in inputs]
         return self.subset_encoder(features, flat, mask)
+
+    def subset_inputs(self, blocks: dict[str, Tensor]) -> list[Tensor | None]:
+        """Each modality's block as the subset posterior reads it (clipped to fit's range widened
+        by ``SUBSET_INPUT_MARGIN``); None for a modality ``blocks`` lacks."""
+        return [
+            self.encoder_input(j, blocks[name], SUBSET_INPUT_MARGIN) if name in blocks else None
+            for j, name in enumerate(self.names)
+        ]
+
+    def subset_trunk_features(self, inputs: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """The joint encoder's trunk features of each of ``subset_inputs``' blocks (None stays None)."""
+        return [None if x is None else trunk(x) for trunk, x in zip(self.joint_encoder.trunks, inputs)]
 
     def set_aggregate_posterior(self, mean: Tensor, log_var: Tensor) -> None:
         """Fit N(m, Σ) to E_X q(z | X) from the joint posteriors of the training rows.
