@@ -158,9 +158,10 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         The posterior given a subset of 2..M-1 modalities. ``"amortized"``: a subset encoder and
         a flow of its own, trained in stage 2 like the experts, or, where it predicted the other
         modalities better on the validation rows, the closed-form Gaussian product of the
-        subset's linearised experts; ``fit`` also routes each subset, and for up to 8
-        modalities each (subset, target) pair, to the posterior of the smaller subset that did
-        best on the validation rows (``subset_routes_``, ``target_routes_``, ``product_subsets_``).
+        subset's linearised experts; ``fit`` also routes each subset (``transform``), and for up
+        to 8 modalities each (subset, target) pair (``predict``), to the posterior of the smaller
+        subset that did better on the validation rows (``subset_routes_``, ``target_routes_``,
+        ``product_subsets_``).
         ``"product"``: the experts' product divided by a Gaussian fit of the joint encoder's
         aggregate posterior, sampled by HMC. ``"product_prior"``: the paper's product of experts
         divided by the prior N(0, I), by HMC. ``"generative"``: HMC on p(z) Π p(x_j | z). See
@@ -219,9 +220,11 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         fits as well.
     subset_routes_, target_routes_, product_subsets_ : dict, dict, list
         The choices ``fit`` made for the subset posterior on the validation rows (properties
-        read from ``module_``'s buffers): subsets routed to a smaller subset's posterior, targets
-        ``predict`` decodes from a smaller subset, subsets using the Gaussian product; empty
-        with fewer than three modalities.
+        read from ``module_``'s buffers): subsets ``transform`` routes to a smaller subset's
+        posterior, targets ``predict`` decodes from a smaller subset's own posterior (one that
+        predicted them better by more than a standard error of the validation rows' noise),
+        subsets whose own posterior is the Gaussian product; empty with fewer than three
+        modalities.
     n_training_rows_ : dict
         Rows each part learned from (training and validation rows): ``"joint"`` (stage 1: every
         row, each through the modalities it observes), ``"experts"`` (stage 2, per modality: the
@@ -475,8 +478,8 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         -------
         X_pred : same container type as X
             Decoder means at the posterior-mean latent of each row: given the row's conditioning
-            set S, or, for a target that a subset of S predicted better on the validation rows
-            in ``fit`` (``target_routes_``), given that subset.
+            set S (S's own posterior), or, for a target that a subset of S predicted better on
+            the validation rows in ``fit`` (``target_routes_``), given that subset.
         """
         data, decoded = self._predictions(X, cond_mod, "predict")
         return data.container.rebuild(decoded, self._layout)

@@ -53,10 +53,11 @@ class Inference:
         return self.module.aggregate_mean.device
 
     @torch.no_grad()
-    def latents(self, data, conditioning: np.ndarray, n_draws: int | None = None) -> Tensor:
+    def latents(self, data, conditioning: np.ndarray, n_draws: int | None = None, follow_routes: bool = True) -> Tensor:
         """Posterior means (n, D), or ``n_draws`` draws (n_draws, n, D), of every row of ``data``
-        (``ModalityData``): one batched posterior per conditioning pattern (:func:`~skjnf._routing.posterior`),
-        with noise of its own (:func:`pattern_generator`)."""
+        (``ModalityData``): one batched posterior per conditioning pattern (:func:`~skjnf._routing.posterior`;
+        without ``follow_routes``, each pattern's own, not its subset route's), with noise of its
+        own (:func:`pattern_generator`)."""
         module, settings, device = self.module, self.settings, self.device
         shape = (data.n_samples, module.latent_dim) if n_draws is None else (n_draws, data.n_samples, module.latent_dim)
         out = torch.empty(shape, device=device)
@@ -70,6 +71,7 @@ class Inference:
                 stats=self.stats,
                 rows=rows,
                 progress=settings.progress,
+                follow_routes=follow_routes,
             )
             generator = pattern_generator(settings.seed, pattern, device)
             if n_draws is None:
@@ -83,15 +85,16 @@ class Inference:
     def predictions(self, data, conditioning: np.ndarray, output: str, names) -> dict[str, Tensor]:
         """Each modality of ``names``'s ``output`` decoded at the posterior mean that predicts it:
         given the row's conditioning set S or, with the amortised subset posterior, given the
-        subset of S that predicted it best on the validation rows in ``fit`` (``target_routes_``)."""
+        subset of S whose own posterior predicted it best on the validation rows in ``fit``
+        (``target_routes_``)."""
         latents, out = {}, {}
+        routed = self.settings.subset_posterior == "amortized"
+        follow_routes = not (routed and bool(self.module.target_routes_own))
         for name in names:
-            mask = conditioning
-            if self.settings.subset_posterior == "amortized":
-                mask = target_conditioning(self.module, conditioning, name)
+            mask = target_conditioning(self.module, conditioning, name) if routed else conditioning
             key = mask.tobytes()
             if key not in latents:
-                latents[key] = self.latents(data, mask)
+                latents[key] = self.latents(data, mask, follow_routes=follow_routes)
             out[name] = self.decode(latents[key], output, [name])[name]
         return out
 

@@ -458,6 +458,10 @@ class JNFModule(nn.Module):
         # Per subset bitmask, whether its own posterior is the Gaussian product of its experts rather
         # than the subset flow (where that predicted held-out modalities better; choose_target_routes).
         self.register_buffer("subset_products", torch.zeros(n_target_routes, dtype=torch.bool))
+        # Whether a target route names the set whose *own* posterior (its subset flow or product)
+        # predicts the target, rather than whatever that set's subset route uses (older pickles
+        # chose their target routes among the routed posteriors; see choose_target_routes).
+        self.register_buffer("target_routes_own", torch.tensor(False))
         # Gaussian fit of the joint encoder's aggregate posterior E_X q(z | X), set after stage 1.
         self.register_buffer("aggregate_mean", torch.zeros(latent_dim))
         self.register_buffer("aggregate_scale_tril", torch.eye(latent_dim))

@@ -25,7 +25,7 @@ _AS_IN_0_1 = {"subset_posterior": "product_prior", "expert_weight_decay": 0.0}
 #: Module state added since 0.1; a pickle without them gets their defaults, the old behaviour:
 #: no routes, no Gaussian products, no linear paths beside the MLPs, no clipping to fit's input
 #: ranges, no learned features for missing modalities.
-_ADDED_STATE = ("target_routes", "subset_products")
+_ADDED_STATE = ("target_routes", "subset_products", "target_routes_own")
 _ADDED_SUFFIXES = (".linear_weight", ".linear_bias", ".skip.weight")
 #: The joint encoder's linear paths (zero: the MLP alone, as before them).
 _ADDED_PARTS = (".missing_features.", "joint_encoder.skips.", "joint_encoder.missing_skips.")

@@ -55,8 +55,9 @@ def test_product_posterior_linearises_each_expert_of_the_product(fitted, views):
 
 
 def test_target_routes_judge_each_target_on_the_rows_observing_it(fitted, views, monkeypatch):
-    """Catches target routes that also score rows missing the target (its zero placeholder): each
-    pair's route for target t is chosen on exactly the rows observing the pair and t."""
+    """Catches target routes that also score rows missing the target (its zero placeholder), or
+    that leave out the one-standard-error rule: each pair's route for target t is chosen on
+    exactly the rows observing the pair and t, with ``TARGET_ROUTE_STANDARD_ERRORS``."""
     X, _, _ = views
     module = copy.deepcopy(fitted.module_).eval()
     rng = np.random.default_rng(0)
@@ -68,9 +69,12 @@ def test_target_routes_judge_each_target_on_the_rows_observing_it(fitted, views,
     seen = {}
     pick = routing.pick_route
 
-    def spy(bits, members, used, row_loss, rows):
+    rules = set()
+
+    def spy(bits, members, used, row_loss, rows, *args):
         seen[bits] = rows.clone()
-        return pick(bits, members, used, row_loss, rows)
+        rules.add(args)
+        return pick(bits, members, used, row_loss, rows, *args)
 
     monkeypatch.setattr(routing, "pick_route", spy)
     routing.choose_target_routes(module, blocks, torch.from_numpy(observed), 4, 0)
@@ -78,6 +82,7 @@ def test_target_routes_judge_each_target_on_the_rows_observing_it(fitted, views,
         target = next(m for m in "abc" if m not in pair)
         expected = observed[:, [module.index(m) for m in [*pair, target]]].all(1)
         np.testing.assert_array_equal(seen[module.bitmask(pair)].numpy(), expected)
+    assert rules == {(routing.TARGET_ROUTE_STANDARD_ERRORS,)}
 
 
 def test_where_the_product_is_a_subsets_posterior_its_routes_compare_the_products_losses(fitted, views, monkeypatch):
@@ -118,6 +123,74 @@ def test_a_subset_routed_to_one_expert_uses_that_experts_flow_whatever_its_own_p
             f.mean(4, torch.Generator().manual_seed(0)) for f in (found, routing.flow_posterior(module, blocks, ["a"]))
         ]
     torch.testing.assert_close(means[0], means[1], rtol=0, atol=0)
+
+
+def test_a_target_route_leaves_the_sets_own_posterior_only_for_a_gain_beyond_one_standard_error():
+    """Catches the one-standard-error rule of the target routes read with the standard deviation
+    (not divided by √n), with its sign turned, or not applied: over 100 rows whose per-row gain of
+    the smaller set has standard deviation 1 (standard error 0.1), a mean gain of 0.05 keeps the
+    set's own posterior and one of 0.3 takes the smaller set; without the rule both take it."""
+    noise = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    noise = (noise - noise.mean()) / noise.std()  # mean 0, standard deviation 1
+    rows = torch.ones(100, dtype=torch.bool)
+    own, smaller = 0b11, 0b01
+    for gain, with_rule in ((0.05, own), (0.3, smaller)):
+        losses = {own: torch.full((100,), 2.0), smaller: 2.0 - gain - noise, 0b10: torch.full((100,), 9.0)}
+        rule = routing.TARGET_ROUTE_STANDARD_ERRORS
+        assert routing.pick_route(own, [0, 1], lambda c: c, losses.__getitem__, rows, rule) == with_rule, gain
+        assert routing.pick_route(own, [0, 1], lambda c: c, losses.__getitem__, rows) == smaller
+
+
+def _experts_misplaced(module, shifts):
+    """Shift each expert's base mean by its ``shifts`` entry: a single view's posterior then never
+    predicts best, and the less shifted of two predicts better."""
+    with torch.no_grad():
+        for encoder, shift in zip(module.encoders, shifts):
+            next(p for k, p in encoder.named_parameters() if k.endswith("head.mean.bias")).add_(shift)
+
+
+def test_a_target_route_scores_and_predicts_through_the_sets_own_posterior(fitted, views, monkeypatch):
+    """Catches target routes that score, or predictions that decode, the posterior a set's subset
+    route names instead of the set's own (its subset flow): every pair is routed to its first
+    expert and every expert is misplaced (that one most), so a pair's own flow predicts its target
+    far better than either view alone (scoring the routed posterior instead routes the pair to its
+    other view), and ``predict`` from the pair must decode that flow's mean."""
+    X, _, _ = views
+    est = copy.deepcopy(fitted)
+    module = est.module_.eval()
+    blocks = _blocks(X)
+    own_posteriors_misplaced(module, flow=False, product=True, monkeypatch=monkeypatch)
+    module.subset_routes.copy_(torch.arange(8))
+    for pair in PAIRS:
+        module.subset_routes[module.bitmask(pair)] = module.bitmask(pair[:1])
+    _experts_misplaced(module, (20.0, 10.0, 5.0))
+    routing.choose_target_routes(module, blocks, None, 4, 0)
+    assert bool(module.target_routes_own)
+    for pair in PAIRS:
+        target = next(m for m in "abc" if m not in pair)
+        assert int(module.target_routes[module.bitmask(pair), module.index(target)]) == module.bitmask(pair)
+        predicted = est.predict({m: X[m] for m in pair})[target]
+        routed = est.predict({pair[0]: X[pair[0]]})[target]  # what the subset route would decode
+        own_error, routed_error = ((predicted - X[target]) ** 2).mean(), ((routed - X[target]) ** 2).mean()
+        assert own_error < 0.1 * routed_error, (pair, own_error, routed_error)
+
+
+def test_a_model_pickled_before_own_target_posteriors_predicts_through_its_subset_routes(fitted, views):
+    """Catches old pickles' target routes (chosen among the routed posteriors) read as naming a
+    set's own posterior: without ``target_routes_own``, ``predict`` from a pair routed to its
+    first expert decodes that expert's posterior, as the model did when it was fitted."""
+    X, _, _ = views
+    est = copy.deepcopy(fitted)
+    module = est.module_
+    module.target_routes_own.fill_(False)
+    bits = module.bitmask(["a", "b"])
+    module.subset_routes[bits] = module.bitmask(["a"])
+    module.target_routes[bits] = bits  # keep the pair for every target
+    from_a = est.predict({"a": X["a"]})["c"]
+    gap = np.abs(est.predict({"a": X["a"], "b": X["b"]})["c"] - from_a).max()  # other noise: other pattern
+    module.target_routes_own.fill_(True)
+    own_gap = np.abs(est.predict({"a": X["a"], "b": X["b"]})["c"] - from_a).max()
+    assert gap < 1e-2 < own_gap
 
 
 def test_stage1_loss_of_incomplete_rows_ignores_the_placeholders_of_missing_modalities():
