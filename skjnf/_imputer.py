@@ -25,7 +25,10 @@ def _table_values(X) -> np.ndarray:
         )
     if type(X).__module__.startswith("polars"):
         X = X.to_numpy()
-    return np.array(X, dtype=np.float64, copy=True)
+    values = np.asarray(X)
+    if np.iscomplexobj(values):
+        raise ValueError("Complex data not supported: JNFImputer needs real values.")
+    return np.array(values, dtype=np.float64, copy=True)
 
 
 def _take_rows(X, rows: np.ndarray):
