@@ -203,7 +203,9 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         ``{"epoch", "train_loss", "valid_loss"}``, floats, per-row means), ``"best_epoch"`` (the
         1-based epoch whose weights were kept) and ``"monitor"`` (``"valid_loss"``, or
         ``"train_loss"`` when there is no validation set); ``"joint"`` also holds
-        ``"calibrated_scales"`` (the "auto" likelihood scales set after stage 1). Stage 2 keeps each part's own best
+        ``"calibrated_scales"`` (the "auto" likelihood scales set after stage 1) and
+        ``"decoder_shares"`` (per modality, the share of its decoder's nonlinear part kept after
+        stage 1, chosen on the validation rows; 0 leaves a linear decoder). Stage 2 keeps each part's own best
         epoch (each expert and the subset posterior have their own parameters) and, with a
         validation set, reports each expert's calibration: ``"expert_valid_loss"`` (mean
         held-out -log q_j(z | x_j) at the kept epoch, a dict by modality), ``"expert_best_epoch"``,

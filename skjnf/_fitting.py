@@ -10,13 +10,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.linear_model import RidgeCV
+from torch import Tensor
 
 from ._batch import StageBatch
 from ._contracts import check_contracts
 from ._distributions import reparameterize
 from ._modules import (
     TRUNK_CACHE_BYTES,
+    Decoder,
     JNFModule,
     UnimodalEncoder,
     frozen_inference,
@@ -27,7 +30,7 @@ from ._modules import (
     stage2_terms,
 )
 from ._posteriors import joint_posterior
-from ._routing import choose_subset_routes, choose_target_routes, subsets_by_size
+from ._routing import choose_subset_routes, choose_target_routes, clear_gain, subsets_by_size
 from ._spec import ModelSpec, build_module
 from ._training import STAGES, StageModule, train_stage
 from ._validation import Layout, ModalityData
@@ -173,6 +176,9 @@ def train_both_stages(
                     p.grad = None
             history[stage] = _train_stage(module, stage, spec, train, valid, epochs, seed, settings, device)
             if stage == "joint":
+                shares = shrink_decoders(module, train, valid, seeds[0])
+                if shares:
+                    history["joint"]["decoder_shares"] = shares
                 scales = calibrate_auto_scales(module, spec, valid if valid is not None else train, seed)
                 if scales:
                     history["joint"]["calibrated_scales"] = scales
@@ -255,6 +261,76 @@ def _train_stage(module, stage, spec, train, valid, epochs, seed, settings: Trai
     return history
 
 
+#: Shares of each default decoder's nonlinear part tried after stage 1 (see ``shrink_decoders``).
+DECODER_SHARES = np.linspace(0.0, 1.0, 11)
+#: A decoder is shrunk only for a validation gain beyond this many standard errors of the per-row
+#: gain over keeping it as trained.
+SHRINK_STANDARD_ERRORS = 1.0
+
+
+def shrink_decoders(module: JNFModule, train: StageBatch, valid: StageBatch | None, seed: int) -> dict[str, float]:
+    """Shrink each default decoder towards its best linear approximation by the share of its
+    nonlinear part that the validation rows support; returns ``{modality: share}``.
+
+    g(z) ← L(z) + s (g(z) − L(z)): L is the least-squares linear fit of g over draws of the
+    training rows' joint posterior (the inputs g was trained on), and s in ``DECODER_SHARES``
+    maximises the validation rows' mean log p(x_m | z) over ``CALIBRATION_DRAWS`` draws of their
+    joint posterior (1 keeps the decoder as trained, 0 makes it linear), taken below 1 only for a
+    gain beyond ``SHRINK_STANDARD_ERRORS`` standard errors of the per-row gain over keeping it.
+    Folded into the weights (:meth:`Decoder.shrink`), so predictions, sampling and pickles see it.
+
+    Why: on 1,000 rows the MLP's nonlinear part fits the training rows' noise. On a linear-Gaussian
+    table (true latent 4, ``latent_dim=8``) held-out reconstruction went from 1.07-1.08 of the
+    Bayes floor to 1.03-1.04 and the held-out log-likelihood rose by 0.6 nats a row (seeds 0-2);
+    fitting L at the posterior means instead (where ``predict`` decodes) gave 1.02-1.03 but cost
+    up to 7.5 nats, since g was trained on draws, which a mean-fitted L over-amplifies. Without
+    the standard-error rule digits6 took shares of 0.8-0.9 on noise and lost 1.4 nats a row on
+    average (seeds 0-2; with it 0.3, against +14 on the 40-row table and +3 on the built ones).
+    """
+    if valid is None:
+        return {}
+    device = next(module.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(int(seed) + 5)
+    train = at_most(train, MAX_LINEAR_PATH_ROWS // CALIBRATION_DRAWS, generator)
+    valid = at_most(valid, MAX_SELECTION_ROWS, generator)
+    shares = {}
+    with frozen_inference(module):
+        z_train, z_valid = (
+            reparameterize(*joint_posterior(module, data.blocks, data.observed), _draws(len(data), module, generator))
+            for data in (train, valid)
+        )
+        z_train = z_train.flatten(0, 1)
+        design = torch.cat([z_train, torch.ones_like(z_train[:, :1])], 1).double().cpu()
+        for j, (name, decoder) in enumerate(zip(module.names, module.decoders)):
+            if not isinstance(decoder, Decoder) or decoder.skip is None:
+                continue
+            rows = slice(None) if valid.observed is None else valid.observed[:, j]
+            x, z = valid.blocks[name][rows], z_valid[:, rows]
+            if not len(x):
+                continue
+            out = module.natural_parameters(j, z_train).double().cpu()
+            coef = torch.linalg.lstsq(design, out, driver="gelsd").solution.float().to(device)  # (D + 1, d)
+            weight, bias = coef[:-1].T, coef[-1]
+            g, linear = module.natural_parameters(j, z), F.linear(z, weight, bias)
+            likelihood = module.likelihoods[j]
+            row_scores = torch.stack(
+                [likelihood.log_prob(x, linear + s * (g - linear)).mean(0) for s in DECODER_SHARES]
+            )
+            best = int(row_scores.mean(1).argmax())
+            kept = int(np.argmin(np.abs(DECODER_SHARES - 1.0)))
+            if not clear_gain(row_scores[best] - row_scores[kept], SHRINK_STANDARD_ERRORS):
+                best = kept
+            share = round(float(DECODER_SHARES[best]), 2)
+            decoder.shrink(weight, bias, share)
+            shares[name] = share
+    return shares
+
+
+def _draws(n: int, module: JNFModule, generator: torch.Generator) -> Tensor:
+    """Standard normal noise for ``CALIBRATION_DRAWS`` draws of ``n`` rows' posterior."""
+    return torch.randn(CALIBRATION_DRAWS, n, module.latent_dim, generator=generator, device=generator.device)
+
+
 #: Joint-posterior draws per row when the "auto" scales are calibrated after stage 1.
 CALIBRATION_DRAWS = 8
 #: Most rows the scale calibration and the choice of routes read (a random subset beyond that).
@@ -297,8 +373,7 @@ def calibrate_auto_scales(module: JNFModule, spec: ModelSpec, data: StageBatch, 
     blocks, observed = data.blocks, data.observed
     with frozen_inference(module):
         mean, log_var = joint_posterior(module, blocks, observed)
-        noise = torch.randn(CALIBRATION_DRAWS, *mean.shape, generator=generator, device=mean.device)
-        z = reparameterize(mean, log_var, noise)
+        z = reparameterize(mean, log_var, _draws(len(mean), module, generator))
         for name in names:
             j = module.index(name)
             x, a = blocks[name], module.natural_parameters(j, z)

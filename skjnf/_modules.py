@@ -164,6 +164,14 @@ class Decoder(nn.Module):
         out = self.out(self.body(z))
         return out if self.skip is None else out + self.skip(z)
 
+    def shrink(self, weight: Tensor, bias: Tensor, share: float) -> None:
+        """Become ``L(z) + share · (g(z) − L(z))`` for the linear map L(z) = ``weight @ z + bias``:
+        the output layer scaled by ``share``, the linear path (``skip``) given the rest."""
+        with torch.no_grad():
+            self.out.weight.mul_(share)
+            self.out.bias.mul_(share).add_((1 - share) * bias)
+            self.skip.weight.mul_(share).add_((1 - share) * weight)
+
 
 #: Hidden width of the subset encoder's own view of each input (next to the frozen trunk's features).
 #: At the side-by-side benchmark's matched layers (trunks ending in 10 features) a linear view gave

@@ -17,6 +17,7 @@ from ._modules import JNFModule
 from ._posteriors import FlowPosterior, HMCPosterior, HMCSettings, HMCStats, JointPosterior, ProductPosterior
 
 __all__ = [
+    "clear_gain",
     "subsets_by_size",
     "subset_label",
     "pick_route",
@@ -55,11 +56,22 @@ def pick_route(bits: int, members: list[int], used, row_loss, rows: Tensor, stan
         return bits
     candidates = [bits] + [used(bits & ~(1 << j)) for j in members]
     best = min(candidates, key=lambda c: float(row_loss(c)[rows].mean()))
-    if best != bits and standard_errors > 0 and int(rows.sum()) > 1:
-        gain = (row_loss(bits) - row_loss(best))[rows].double()
-        if float(gain.mean()) <= standard_errors * float(gain.std()) / math.sqrt(len(gain)):
-            return bits
+    if (
+        best != bits
+        and standard_errors > 0
+        and not clear_gain((row_loss(bits) - row_loss(best))[rows], standard_errors)
+    ):
+        return bits
     return best
+
+
+def clear_gain(gain: Tensor, standard_errors: float) -> bool:
+    """Whether the per-row gains ``gain`` (n,) average more than ``standard_errors`` standard
+    errors of their mean (a single row: more than 0)."""
+    gain = gain.double()
+    if len(gain) < 2:
+        return float(gain.sum()) > 0
+    return float(gain.mean()) > standard_errors * float(gain.std()) / math.sqrt(len(gain))
 
 
 def subset_label(names, bits: int) -> str:

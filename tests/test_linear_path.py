@@ -7,7 +7,7 @@ from _helpers import make_views, small_jnf, validation_rows
 from sklearn.linear_model import RidgeCV
 
 from skjnf._fitting import RIDGE_ALPHAS
-from skjnf._modules import UnimodalEncoder
+from skjnf._modules import Decoder, UnimodalEncoder
 
 
 def spectra_like(n, seed=0):
@@ -103,3 +103,59 @@ def test_latent_activity_is_the_variance_of_the_joint_means_over_the_training_ro
     np.testing.assert_allclose(model.latent_activity_, model.transform(X).var(0), rtol=1e-4, atol=1e-7)
     assert model.active_dims_ == int((model.latent_activity_ > 0.01).sum())
     assert 0 < model.active_dims_ <= 4
+
+
+def test_a_shrunk_decoder_is_the_linear_map_plus_its_share_of_the_rest():
+    """Catches a share folded into the output layer's weight but not its bias, the linear map's
+    weight or bias dropped, or ``1 - share`` in place of ``share``: after ``shrink(W, b, s)``
+    the decoder is exactly W z + b + s (g(z) - W z - b) for the g it was."""
+    torch.manual_seed(0)
+    decoder = Decoder(3, (8,), 5)
+    torch.nn.init.normal_(decoder.skip.weight)
+    weight, bias, z = torch.randn(5, 3), torch.randn(5), torch.randn(20, 3)
+    with torch.no_grad():
+        before, linear = decoder(z), z @ weight.T + bias
+        decoder.shrink(weight, bias, 0.3)
+        torch.testing.assert_close(decoder(z), linear + 0.3 * (before - linear))
+
+
+def nonlinear_views(n, seed):
+    """View a linear in a 2-d latent, view b a smooth nonlinear function of it (small noise)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 2))
+    a = z @ np.random.default_rng(99).normal(size=(2, 6)) + 0.1 * rng.normal(size=(n, 6))
+    b = np.stack([np.sin(2 * z[:, 0]), np.cos(2 * z[:, 1]), z[:, 0] * z[:, 1], np.sin(z.sum(1))], 1)
+    return {"a": a, "b": b + 0.05 * rng.normal(size=b.shape)}
+
+
+def test_a_decoder_keeps_the_nonlinear_part_the_validation_rows_need(monkeypatch):
+    """Catches the share chosen the wrong way round (the worst instead of the best) or every
+    decoder made linear: where a view is a nonlinear function of the latent, its decoder keeps
+    most of its nonlinear part, and held-out rows reconstruct better than with a linear decoder."""
+    import skjnf._fitting as fitting
+
+    X, held_out = nonlinear_views(600, seed=0), nonlinear_views(300, seed=1)
+    params = dict(hidden_sizes=(32,), joint_epochs=60, flow_epochs=1, lr=1e-2)
+    model = small_jnf(**params).fit(X)
+    assert model.history_["joint"]["decoder_shares"]["b"] >= 0.5, model.history_["joint"]["decoder_shares"]
+    monkeypatch.setattr(fitting, "DECODER_SHARES", np.array([0.0]))
+    linear = small_jnf(**params).fit(X)
+    assert linear.history_["joint"]["decoder_shares"] == {"a": 0.0, "b": 0.0}
+
+    def error(m):
+        return ((m.predict(held_out)["b"] - held_out["b"]) ** 2).mean()
+
+    assert error(model) < 0.5 * error(linear), (error(model), error(linear))
+
+
+def test_a_decoder_is_shrunk_only_for_a_gain_beyond_noise(monkeypatch):
+    """Catches the standard-error rule not applied (a share below 1 taken on any gain): the
+    linear view's decoder is shrunk at the default rule, and no decoder is when the rule asks a
+    gain beyond a billion standard errors."""
+    import skjnf._fitting as fitting
+
+    X = nonlinear_views(600, seed=0)
+    params = dict(hidden_sizes=(32,), joint_epochs=60, flow_epochs=1, lr=1e-2)
+    assert small_jnf(**params).fit(X).history_["joint"]["decoder_shares"]["a"] < 1.0
+    monkeypatch.setattr(fitting, "SHRINK_STANDARD_ERRORS", 1e9)
+    assert small_jnf(**params).fit(X).history_["joint"]["decoder_shares"] == {"a": 1.0, "b": 1.0}

@@ -158,6 +158,7 @@ def test_best_epoch_is_restored(views, monkeypatch):
         return original(stage, train, valid, **kwargs)
 
     monkeypatch.setattr(fitting, "train_stage", spy)
+    monkeypatch.setattr(fitting, "DECODER_SHARES", np.array([1.0]))  # decoders as stage 1 left them
     # a fixed scale: "auto" is recalibrated after stage 1, so its validation loss would differ from the recorded one
     jnf = small_jnf(joint_epochs=12, flow_epochs=12, lr=3e-2, likelihood_scale=0.7, rescale_likelihoods=False).fit(X)
     for (stage, valid), key in zip(stages, ("joint", "flows")):
