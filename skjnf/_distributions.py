@@ -108,6 +108,6 @@ class FlowDistribution:
             return z.reshape(u.shape), None
         return z.reshape(u.shape), gaussian_log_prob(u, self.loc, self.log_var) - log_det.reshape(u.shape[:-1])
 
-    def base_mean_image(self) -> Tensor:
-        """f⁻¹(μ) (n, D): the base mean carried to the latent space."""
-        return self.flow.inverse(self.loc)[0]
+    def base_mean_image(self, rows: Tensor | slice = slice(None)) -> Tensor:
+        """f⁻¹(μ) (n, D) of the ``rows`` (all by default): the base mean carried to the latent space."""
+        return self.flow.inverse(self.loc[rows])[0]

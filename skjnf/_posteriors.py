@@ -171,9 +171,9 @@ def antithetic_noise(k: int, dim: int, generator, device) -> Tensor:
     return torch.cat([half, -half, zero])
 
 
-def _supported_mean(module: JNFModule, draws: Tensor, fallback: Callable[[], Tensor]) -> Tensor:
+def _supported_mean(module: JNFModule, draws: Tensor, fallback: Callable[[Tensor], Tensor]) -> Tensor:
     """Mean over draws (P, n, D) inside the aggregate posterior's support; rows with none take
-    ``fallback()`` (n, D), computed only when some row needs it.
+    ``fallback(rows)`` (len(rows), D), computed only for those rows (a few, when any).
 
     A flow posterior's far tails (where its inverse amplifies the base noise most) can put a
     few draws hundreds of units out; the experts integrate to the aggregate posterior, so mass
@@ -182,9 +182,10 @@ def _supported_mean(module: JNFModule, draws: Tensor, fallback: Callable[[], Ten
     inside = (module.aggregate_whitened(draws) ** 2).sum(-1) <= support_radius(module.latent_dim)
     count = inside.sum(0)
     mean = torch.where(inside[..., None], draws, torch.zeros_like(draws)).sum(0) / count.clamp(min=1)[:, None]
-    if bool((count > 0).all()):
-        return mean
-    return torch.where((count > 0)[:, None], mean, fallback())
+    empty = torch.nonzero(count == 0).squeeze(1)
+    if len(empty):
+        mean[empty] = fallback(empty)
+    return mean
 
 
 class JointPosterior:

@@ -172,6 +172,24 @@ def test_made_conditional_matches_forward(latent_dim, hidden):
         torch.testing.assert_close(raw_d, raw[..., d], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("latent_dim, hidden", [(1, (8,)), (2, (8, 8)), (5, ()), (5, (16, 16)), (12, (8, 8))])
+def test_maf_block_inverse_without_gradients_equals_the_differentiable_one(latent_dim, hidden):
+    """Catches a unit of MADE.autoregress computed from inputs not yet final, a degree group
+    skipped or written to the wrong units, or an output read from the wrong prefix: the cached
+    inference inverse (no gradients) gives the same z and log-det as the differentiable one,
+    narrow widths (empty degree groups) and no hidden layer included."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        block = MAFBlock(latent_dim, hidden, identity_init=False).double()
+    _randomize_(block, generator=torch.Generator().manual_seed(10))
+    u = torch.randn(3, 7, latent_dim, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    z, log_det = block.inverse(u)
+    with torch.no_grad():
+        z_cached, log_det_cached = block.inverse(u)
+    torch.testing.assert_close(z_cached, z.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(log_det_cached, log_det.detach(), rtol=0, atol=1e-12)
+
+
 def test_made_warning_names_the_widths():
     with pytest.warns(UserWarning, match=r"\[8\].*latent_dim - 1 = 11"):
         MADE(12, (32, 8))

@@ -56,11 +56,14 @@ def test_posterior_mean_leaves_out_draws_beyond_the_aggregate_support():
     draws[:, 0] = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [500.0, 800.0]])  # one flow tail
     draws[:, 1] = 300.0  # every draw of row 1 is out: its fallback is used
     fallback = torch.tensor([[9.0, 9.0], [-3.0, 2.0]])
-    mean = _supported_mean(module, draws, lambda: fallback)
+    mean = _supported_mean(module, draws, lambda rows: fallback[rows])
     torch.testing.assert_close(mean, torch.tensor([[0.0, 1.0 / 3.0], [-3.0, 2.0]]))
-    # the fallback (an extra inverse flow pass) runs only when some row needs it
+    # the fallback (an extra inverse flow pass) runs only when some row needs it, on those rows
+    asked = []
+    _supported_mean(module, draws, lambda rows: asked.append(rows.tolist()) or fallback[rows])
+    assert asked == [[1]]
     inside = torch.zeros(3, 2, 2)
-    torch.testing.assert_close(_supported_mean(module, inside, lambda: 1 / 0), torch.zeros(2, 2))
+    torch.testing.assert_close(_supported_mean(module, inside, lambda rows: 1 / 0), torch.zeros(2, 2))
 
 
 def test_stage2_weight_decay_reaches_the_experts_only(views, monkeypatch):
