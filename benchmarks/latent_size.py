@@ -76,6 +76,8 @@ def measure(table_name: str, k: int, params: dict, seed: int = 0) -> dict:
 
 
 def main() -> None:
+    from _tables import load_table
+
     parser = benchmark_parser(__doc__, "latent_size.json")
     parser.add_argument("--tables", nargs="+", default=["cancer", "digits3"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[2, 5, 10, 20])
@@ -90,7 +92,11 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for name in args.tables:
+        width = sum(x.shape[1] for x in load_table(name).train.values())
         for k in args.sizes:
+            if k > width:  # PCA(k) needs k <= the number of features
+                print(f"| {name} | {k} | skipped: the table has {width} features | | | | | |")
+                continue
             for seed in args.seeds:
                 result = measure(name, k, json.loads(args.params), seed)
                 results.append(result)

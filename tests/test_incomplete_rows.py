@@ -223,3 +223,38 @@ def test_scores_of_incomplete_rows_do_not_depend_on_their_batch_mates():
     no_target = (np.isnan(X["b"][:, 0]) & np.isnan(X["c"][:, 0]))[has_a]
     assert no_target.any() and np.all(conditional[no_target] == 0.0)
     assert np.isfinite(conditional).all() and np.all(conditional[~no_target] != 0.0)
+
+
+def test_decoder_shares_are_judged_on_the_validation_rows_observing_each_modality(monkeypatch):
+    """Catches the shrinking of a decoder judged on every validation row, the zeros that stand
+    for a missing modality included: each log-likelihood it compares is taken on exactly the
+    validation rows observing that modality."""
+    import skjnf._fitting as fitting
+    from skjnf._likelihoods import Normal
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(300, 2))
+    X = {m: z @ rng.normal(size=(2, d)) + 0.1 * rng.normal(size=(300, d)) for m, d in zip("abc", (6, 4, 3))}
+    X["b"][rng.random(300) < 0.4] = np.nan
+    seen, original_shrink, original_log_prob = {}, fitting.shrink_decoders, Normal.log_prob
+
+    def shrink(module, train, valid, seed):
+        observed, likelihoods = valid.observed.sum(0).tolist(), list(module.likelihoods)
+
+        def log_prob(self, x, a):
+            j = next(i for i, likelihood in enumerate(likelihoods) if likelihood is self)
+            seen.setdefault(j, set()).add((len(x), observed[j]))
+            return original_log_prob(self, x, a)
+
+        monkeypatch.setattr(Normal, "log_prob", log_prob)
+        try:
+            return original_shrink(module, train, valid, seed)
+        finally:
+            monkeypatch.setattr(Normal, "log_prob", original_log_prob)
+
+    monkeypatch.setattr(fitting, "shrink_decoders", shrink)
+    small_jnf(hidden_sizes=(16,), joint_epochs=3, flow_epochs=1, validation_fraction=0.3).fit(X)
+    assert len(seen) == 3
+    for pairs in seen.values():
+        assert all(rows == observing for rows, observing in pairs), pairs
+    assert any(rows < 90 for pairs in seen.values() for rows, _ in pairs)  # b's missing rows left out
