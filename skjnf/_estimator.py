@@ -205,8 +205,9 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
         ``"train_loss"`` when there is no validation set); ``"joint"`` also holds
         ``"calibrated_scales"`` (the "auto" likelihood scales set after stage 1) and
         ``"decoder_shares"`` (per modality, the share of its decoder's nonlinear part kept after
-        stage 1, chosen on the validation rows; 0 leaves a linear decoder). Stage 2 keeps each part's own best
-        epoch (each expert and the subset posterior have their own parameters) and, with a
+        stage 1, chosen on the validation rows; 0 leaves a linear decoder; absent without
+        validation rows). Stage 2 keeps each part's own best epoch (each expert and the subset
+        posterior have their own parameters) and, with a
         validation set, reports each expert's calibration: ``"expert_valid_loss"`` (mean
         held-out -log q_j(z | x_j) at the kept epoch, a dict by modality), ``"expert_best_epoch"``,
         and with three or more modalities ``"subset_valid_loss"`` and ``"subset_best_epoch"``;
