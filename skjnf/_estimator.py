@@ -52,7 +52,7 @@ class JNFEstimator(TransformerMixin, BaseEstimator):
     or the subset posterior (the rest; see ``subset_posterior``). Between the stages each default
     decoder keeps only the share of its nonlinear part that the validation rows support
     (``history_["joint"]["decoder_shares"]``): on a thousand rows an MLP decoder otherwise fits
-    the training rows' noise (linear-Gaussian reconstruction 1.07 → 1.03-1.04 of the Bayes floor;
+    the training rows' noise (linear-Gaussian reconstruction 1.07-1.08 → 1.03-1.04 of the Bayes floor;
     held-out log-likelihood +14 nats a row on a 40-row table; the digits keep theirs).
 
     Training on incomplete rows: ``fit`` uses every row that observes at least one modality.
