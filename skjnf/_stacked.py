@@ -12,6 +12,7 @@ factories) are evaluated one by one, as before.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -64,9 +65,20 @@ def _stacked_step(steps: Sequence, z: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(first.mask, z, (z - shift) * torch.exp(-log_scale)), -log_scale.sum(-1)
 
 
+#: Each flow's signature, computed once: it depends only on the flow's structure and shapes (1.3 %
+#: of a digits6 fit went into recomputing it at every step).
+_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _flow_signature(flow: nn.Module) -> tuple | None:
     """Flows with equal signatures can be stacked; None for a flow that runs on its own (a custom
     flow, or the identity of ``n_flow_blocks=0``, which costs nothing)."""
+    if flow not in _SIGNATURES:
+        _SIGNATURES[flow] = _signature(flow)
+    return _SIGNATURES[flow]
+
+
+def _signature(flow: nn.Module) -> tuple | None:
     if not isinstance(flow, ComposedFlow) or type(flow).forward is not ComposedFlow.forward:
         return None
     steps = flow.transforms()

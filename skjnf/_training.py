@@ -86,6 +86,11 @@ class StageModule(nn.Module):
         self.jnf = jnf
         self.part_losses, self.generator, self.label, self.noise_dim = part_losses, generator, label, noise_dim
         self._parts = parts
+        # (name, parameter) of each part, listed once: skorch asks for them at every step
+        self._named_parameters = [
+            [(f"part{i}.{k}.{name}", p) for k, module in enumerate(part) for name, p in module.named_parameters()]
+            for i, part in enumerate(parts)
+        ]
         self.active = [True] * len(parts)  # parts still training
         self._mode = None  # the mode train() last set on every submodule
         # part_rows(batch) -> rows each part's loss counts (default: all): a part whose loss is
@@ -98,9 +103,7 @@ class StageModule(nn.Module):
 
     def named_trainable_parameters(self, parts=None):
         for i in range(self.n_parts) if parts is None else parts:
-            for k, module in enumerate(self._parts[i]):
-                for name, param in module.named_parameters():
-                    yield f"part{i}.{k}.{name}", param
+            yield from self._named_parameters[i]
 
     def stop_part(self, i: int) -> None:
         """Stop training part i: its loss is no longer computed and Adam skips its parameters."""
