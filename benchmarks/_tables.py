@@ -11,6 +11,10 @@ rows (``StandardScaler``): the data users actually give JNF. Labels come along f
 * ``digits3``: 8x8 digits as left half (32), right half (32), ink profile (16: row and column means).
 * ``digits6``: the same digits in six views, 272 features, mfeat-style: left, right, profile,
   Fourier magnitudes (40), horizontal and vertical gradients (112), 4x4 block means (16).
+* ``mfeat-like``: the same digits in six views of 646 features, after UCI's mfeat (649): the image
+  upsampled to 16x16 (256), its Fourier magnitudes (144), Karhunen-Loeve coefficients (64),
+  gradients (112), row x column profile products (64), six morphological figures. Not in
+  ``TABLES``: it is the wide table of the fit-speed benchmarks.
 * ``cancer``: breast cancer as mean / error / worst (10 + 10 + 10).
 * ``wine``: wine as three groups of its 13 measurements (5 + 4 + 4).
 * ``linear-gaussian``: x_m = W_m z + b_m + noise, z ~ N(0, I_5), widths (20, 15, 10), noise sd
@@ -78,6 +82,35 @@ def _digit_views(six: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
         views["fourier"] = np.abs(np.fft.rfft2(images)).reshape(n, -1)
         views["gradient"] = np.hstack([np.diff(images, axis=1).reshape(n, -1), np.diff(images, axis=2).reshape(n, -1)])
         views["blocks"] = images.reshape(n, 4, 2, 4, 2).mean(axis=(2, 4)).reshape(n, -1)
+    return views, digits.target
+
+
+def _mfeat_like_views() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The digits in six views of 646 features, after UCI's mfeat (six views, 649 features):
+    pixels of the image upsampled to 16 x 16 (256), Fourier magnitudes of that image (144), its
+    Karhunen-Loeve coefficients (the 64 principal axes of the pixels), gradients (112), products of
+    the row and column profiles (64) and six morphological figures (ink, centre, spread)."""
+    from scipy.ndimage import zoom
+
+    digits = load_digits()
+    images, n = digits.images, len(digits.images)
+    big = zoom(images, (1, 2, 2), order=1)
+    flat = images.reshape(n, -1)
+    _, _, axes = np.linalg.svd(flat - flat.mean(0), full_matrices=False)
+    rows, cols = images.mean(axis=2), images.mean(axis=1)
+    ink = images.sum(axis=(1, 2)) + 1e-9
+    grid = np.arange(8.0)
+    cy, cx = (images.sum(2) @ grid) / ink, (images.sum(1) @ grid) / ink
+    sy = np.sqrt((images.sum(2) * (grid - cy[:, None]) ** 2).sum(1) / ink)
+    sx = np.sqrt((images.sum(1) * (grid - cx[:, None]) ** 2).sum(1) / ink)
+    views = {
+        "pixels": big.reshape(n, -1),
+        "fourier": np.abs(np.fft.rfft2(big)).reshape(n, -1),
+        "karhunen": (flat - flat.mean(0)) @ axes.T,
+        "gradient": np.hstack([np.diff(images, axis=1).reshape(n, -1), np.diff(images, axis=2).reshape(n, -1)]),
+        "profiles": (rows[:, :, None] * cols[:, None, :]).reshape(n, -1),
+        "morphology": np.column_stack([ink, cy, cx, sy, sx, (images > 8).sum(axis=(1, 2))]),
+    }
     return views, digits.target
 
 
@@ -204,6 +237,7 @@ def load_table(name: str, seed: int = 0) -> Table:
         views, y = {
             "digits3": lambda: _digit_views(False),
             "digits6": lambda: _digit_views(True),
+            "mfeat-like": _mfeat_like_views,
             "cancer": _cancer_views,
             "wine": _wine_views,
             "spectra": _spectra,
