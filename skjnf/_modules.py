@@ -182,11 +182,6 @@ class Decoder(nn.Module):
 RAW_READOUT_WIDTH = 128
 
 
-#: Compute the subset encoder's readouts of a modality only on the rows whose subsets hold it
-#: (``SubsetEncoder._read``), on the CPU.
-SELECT_SUBSET_ROWS_ON_CPU = True
-
-
 class SubsetEncoder(nn.Module):
     """Base Gaussian of the subset posterior q_S(z | x_S), for any subset S (a Deep Sets encoder).
 
@@ -243,9 +238,9 @@ class SubsetEncoder(nn.Module):
         """``inputs`` are the flat blocks the trunks read; ``mask`` (n, M), or (n, k, M) for k
         subsets of each row: the readouts then run once per row."""
         weighted, total = 0.0, 0.0
-        for j, (h, x) in enumerate(zip(trunk_features, inputs)):
+        for j, (readout, raw, h, x) in enumerate(zip(self.readouts, self.raw_readouts, trunk_features, inputs)):
             if h is not None:
-                features, raw_weight = self._read(j, h, x, mask[..., j]).split(self.width, dim=-1)
+                features, raw_weight = (readout(h) + raw(x)).split(self.width, dim=-1)
                 if mask.dim() == 3:
                     features, raw_weight = features[:, None], raw_weight[:, None]
                 weight = mask[..., j : j + 1] * F.softplus(raw_weight)
@@ -255,21 +250,6 @@ class SubsetEncoder(nn.Module):
         if len(self.linear_weight):
             mean = mean + self._linear_path(inputs, mask)
         return mean, log_var
-
-    def _read(self, j: int, h: Tensor, x: Tensor, in_subset: Tensor) -> Tensor:
-        """Modality j's readout (features and weights, (n, 2 * width)) of its trunk features ``h``
-        and input ``x``. On the CPU only the rows whose subsets hold j are computed, the others are
-        zeros (their pooling weight is zero whatever they hold): in training each row's subset
-        holds 2..M-1 of M modalities, so this skips a third (M = 3) to two fifths (M = 6) of the
-        readouts' products. Elsewhere the dense pass is kept: selecting the rows would wait on
-        the host for their count."""
-        readout, raw = self.readouts[j], self.raw_readouts[j]
-        if h.device.type == "cpu" and SELECT_SUBSET_ROWS_ON_CPU:
-            used = (in_subset.reshape(len(h), -1) != 0).any(1)
-            if not bool(used.all()):
-                rows = used.nonzero().squeeze(1)
-                return h.new_zeros(len(h), 2 * self.width).index_copy(0, rows, readout(h[rows]) + raw(x[rows]))
-        return readout(h) + raw(x)
 
     def _linear_path(self, inputs: Sequence[Tensor | None], mask: Tensor) -> Tensor:
         """Each row's (and subset's) ``linear_weight[S] @ x + linear_bias[S]``: its subset's weights

@@ -79,29 +79,6 @@ def test_batched_stage2_equals_the_sequential_one(flows, networks, incomplete, m
         torch.testing.assert_close(batched[1][name], sequential[1][name], rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("incomplete", [False, True])
-@pytest.mark.parametrize("draws", [1, 2])
-def test_subset_readouts_on_the_subsets_rows_equal_the_dense_pass(incomplete, draws, monkeypatch):
-    """The CPU path reads each modality only on the rows whose subset holds it; the losses and
-    gradients equal the dense pass's. Catches the wrong rows selected or scattered back, and a
-    row left out that one of its subsets holds (its pooled features would change)."""
-    monkeypatch.setattr(modules, "SUBSET_DRAWS", draws)
-    module = _module(["maf"] * 4)
-    g = torch.Generator().manual_seed(2)
-    n = 11
-    blocks = {name: torch.randn(n, d, generator=g, dtype=torch.float64) for name, d in zip("abcd", WIDTHS)}
-    noise = torch.randn(n, stage2_noise_dim(module), generator=g, dtype=torch.float64)
-    observed = torch.rand(n, 4, generator=g) < 0.7 if incomplete else None
-    selected = _terms_and_grads(module, blocks, noise, observed, batched=True)
-    monkeypatch.setattr(modules, "SELECT_SUBSET_ROWS_ON_CPU", False)
-    dense = _terms_and_grads(module, blocks, noise, observed, batched=True)
-    torch.testing.assert_close(selected[0][-1], dense[0][-1], rtol=1e-10, atol=1e-10)
-    subset_grads = [name for name in dense[1] if name.startswith("subset_encoder")]
-    assert any(name.startswith("subset_encoder.raw_readouts") for name in subset_grads)
-    for name in subset_grads:
-        torch.testing.assert_close(selected[1][name], dense[1][name], rtol=1e-10, atol=1e-10)
-
-
 def test_stacked_parts_are_each_experts_own_network():
     """Each output of the stacked pass is its own expert's: swapping two experts' weights swaps them."""
     module = _module(["maf"] * 4)
