@@ -390,3 +390,55 @@ def test_each_stage2_part_stops_on_its_own(views, monkeypatch):
         computed = [calls[e * per_epoch][i] for e in range(len(rows))]
         assert computed == [epoch <= stop for epoch in range(1, len(rows) + 1)]
         assert all(calls[e * per_epoch + b][i] == computed[e] for e in range(len(rows)) for b in range(per_epoch))
+
+
+class _ModeRecordingTrunk(torch.nn.Module):
+    """A user's trunk with dropout: records (its mode, its dropout's mode, grad enabled, in a
+    validation pass) at every forward call."""
+
+    modes: list = []
+    validating = False
+
+    def __init__(self, in_shape):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(in_shape[0], 8), torch.nn.Dropout(0.1))
+
+    def forward(self, x):
+        record = (self.training, self.net[1].training, torch.is_grad_enabled(), _ModeRecordingTrunk.validating)
+        type(self).modes.append(record)
+        return self.net(x)
+
+
+class _OwnTrainTrunk(_ModeRecordingTrunk):
+    """The same, overriding ``train`` (a network may, e.g. to keep a part frozen)."""
+
+    modes: list = []
+
+    def train(self, mode=True):
+        return super().train(mode)
+
+
+@pytest.mark.parametrize("trunk", [_ModeRecordingTrunk, _OwnTrainTrunk])
+def test_training_steps_run_in_train_mode_and_validation_in_eval_mode(views, trunk, monkeypatch):
+    """The stage module sets modes from a flat list of its submodules: catches a submodule left
+    out of the list (the dropout layer inside a user's trunk keeps the wrong mode), a user's own
+    ``train`` not called, or validation run in train mode."""
+    trunk.modes.clear()
+    original = training.StageNet.validation_step
+
+    def validation_step(net, batch, **fit_params):
+        _ModeRecordingTrunk.validating = True
+        try:
+            return original(net, batch, **fit_params)
+        finally:
+            _ModeRecordingTrunk.validating = False
+
+    monkeypatch.setattr(training.StageNet, "validation_step", validation_step)
+    model = small_jnf(
+        joint_epochs=3, flow_epochs=1, validation_fraction=0.25, early_stopping=False, networks={"a": {"trunk": trunk}}
+    )
+    model.fit(views[0])
+    steps = [r for r in trunk.modes if r[2]]  # stage 1's training steps: the only calls with gradients
+    validation = [r for r in trunk.modes if r[3]]
+    assert len(steps) >= 3 and all(r == (True, True, True, False) for r in steps)
+    assert len(validation) >= 3 and all(r == (False, False, False, True) for r in validation)
