@@ -93,7 +93,6 @@ class StageModule(nn.Module):
         ]
         self.active = [True] * len(parts)  # parts still training
         self._mode = None  # the mode train() last set on every submodule
-        self._submodules = None  # (submodules train() sets directly, those with their own train())
         # part_rows(batch) -> rows each part's loss counts (default: all): a part whose loss is
         # zero on some rows (an expert on rows missing its modality) is averaged over its own rows.
         self.part_rows = part_rows
@@ -137,25 +136,10 @@ class StageModule(nn.Module):
     def train(self, mode: bool = True) -> StageModule:
         """Set the mode of every submodule only when it changes: skorch calls this before every
         batch, and walking JNF's few hundred submodules each time cost 7 % of a fit. The first
-        call always sets it (the shared module may come out of the other stage in eval mode).
-
-        The mode still changes twice an epoch (eval for the validation pass, and back), so the
-        flags are set from a flat list made once rather than by ``nn.Module.train``'s recursive
-        walk (0.6 ms a switch: 6 % of a breast-cancer fit, whose epochs are 3 steps); submodules
-        that override ``train`` (a user's network may) get their own call."""
+        call always sets it (the shared module may come out of the other stage in eval mode)."""
         if mode is not self._mode:
-            if self._submodules is None:
-                modules = list(self.modules())
-                self._submodules = (
-                    [m for m in modules if type(m).train is nn.Module.train],
-                    [m for m in modules if m is not self and type(m).train is not nn.Module.train],
-                )
-            plain, custom = self._submodules
-            for module in plain:
-                module.training = mode
-            for module in custom:
-                module.train(mode)
-            self.training = self._mode = mode
+            super().train(mode)
+            self._mode = mode
         return self
 
     def forward(self, batch: StageBatch) -> Tensor:
