@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import RidgeCV
 from torch import Tensor
 
 from ._batch import StageBatch
@@ -30,6 +29,7 @@ from ._modules import (
     stage2_terms,
 )
 from ._posteriors import joint_posterior
+from ._ridge import ridge_loo
 from ._routing import choose_subset_routes, choose_target_routes, clear_gain, subsets_by_size
 from ._spec import ModelSpec, build_module
 from ._training import STAGES, StageModule, train_stage
@@ -386,9 +386,9 @@ def calibrate_auto_scales(module: JNFModule, spec: ModelSpec, data: StageBatch, 
 
 
 #: Most rows the closed-form linear paths of the experts are fitted on (a random subset beyond that):
-#: RidgeCV's cost grows with rows x features², and the MLP beside the path learns from every row.
+#: the ridge's cost grows with rows x features², and the MLP beside the path learns from every row.
 MAX_LINEAR_PATH_ROWS = 8192
-#: Ridge penalties tried by generalised cross-validation, relative to the mean eigenvalue of the
+#: Ridge penalties tried by leave-one-out cross-validation, relative to the mean eigenvalue of the
 #: inputs' centred Gram matrix (so the grid follows the data's units and width).
 RIDGE_ALPHAS = np.logspace(-6, 2, 17)
 
@@ -397,8 +397,8 @@ def set_linear_paths(module: JNFModule, data: StageBatch, generator: torch.Gener
     """Set the closed-form linear paths: each default expert encoder's, the ridge regression of the
     frozen joint posterior means on its (clipped) input over the rows that expert learns from;
     and, where the subset encoder has them, each subset S's, on the inputs of S over the rows
-    observing S. Penalties are chosen by generalised cross-validation (``RidgeCV``); custom
-    encoders are left alone."""
+    observing S. Penalties are chosen by leave-one-out error, as ``RidgeCV`` does
+    (:func:`~skjnf._ridge.ridge_loo`); custom encoders are left alone."""
     data = at_most(data, MAX_LINEAR_PATH_ROWS, generator)
     blocks, observed = data.blocks, data.observed
     has = None if observed is None else observed.cpu().numpy()
@@ -431,12 +431,14 @@ def set_linear_paths(module: JNFModule, data: StageBatch, generator: torch.Gener
 
 
 def _ridge(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(coefficients (D, d), intercept (D,)) of RidgeCV on (x, y), or None with fewer than 3 rows."""
+    """(coefficients (D, d), intercept (D,)) of the ridge regression of y on x with its penalty
+    among ``RIDGE_ALPHAS`` chosen by leave-one-out error (scikit-learn's ``RidgeCV``), or None
+    with fewer than 3 rows."""
     if len(x) < 3:
         return None
     scale = max(float(((x - x.mean(0)) ** 2).sum()) / x.shape[1], 1e-12)
-    ridge = RidgeCV(alphas=scale * RIDGE_ALPHAS).fit(x, y)
-    return ridge.coef_, ridge.intercept_
+    coef, intercept, _ = ridge_loo(x, y, scale * RIDGE_ALPHAS)
+    return coef, intercept
 
 
 def _with_joint_posterior(module: JNFModule, data: StageBatch) -> StageBatch:

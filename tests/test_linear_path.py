@@ -159,3 +159,36 @@ def test_a_decoder_is_shrunk_only_for_a_gain_beyond_noise(monkeypatch):
     assert small_jnf(**params).fit(X).history_["joint"]["decoder_shares"]["a"] < 1.0
     monkeypatch.setattr(fitting, "SHRINK_STANDARD_ERRORS", 1e9)
     assert small_jnf(**params).fit(X).history_["joint"]["decoder_shares"] == {"a": 1.0, "b": 1.0}
+
+
+@pytest.mark.parametrize(
+    "n, d, targets, case",
+    [
+        (200, 30, 3, "plain"),
+        (60, 25, 1, "collinear"),
+        (80, 12, 4, "constant"),
+        (9, 4, 2, "few rows"),
+        (30, 70, 3, "wide"),
+    ],
+)
+def test_ridge_loo_is_ridgecv(n, d, targets, case):
+    """The linear paths' ridge equals scikit-learn's RidgeCV (leave-one-out over the same penalties):
+    the penalty chosen, coefficients and intercept. Catches the intercept's 1/n left out of the
+    leverages, uncentred targets, the wide case's weights s / (s + alpha) taken as 1 / (s + alpha),
+    and the worst penalty picked for the best."""
+    from skjnf._ridge import ridge_loo
+
+    rng = np.random.default_rng(n + d)
+    x = rng.normal(size=(n, d)) * rng.uniform(0.1, 10, size=d) + rng.normal(size=d)
+    if case == "collinear":
+        x[:, 1] = 2 * x[:, 0]
+    if case == "constant":
+        x[:, -1] = 3.0
+    y = x[:, :3] @ rng.normal(size=(3, targets)) + 5.0 + rng.normal(size=(n, targets)) * x[:, :3].std()
+    alphas = float(((x - x.mean(0)) ** 2).sum()) / d * RIDGE_ALPHAS
+    reference = RidgeCV(alphas=alphas).fit(x, y)
+    coef, intercept, alpha = ridge_loo(x, y, alphas)
+    assert alpha == pytest.approx(reference.alpha_)
+    expected = np.reshape(reference.coef_, (targets, d))  # RidgeCV returns (d,) for one target
+    np.testing.assert_allclose(coef, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+    np.testing.assert_allclose(intercept, np.reshape(reference.intercept_, targets), rtol=1e-6, atol=1e-9)
