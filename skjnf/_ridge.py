@@ -1,12 +1,4 @@
-"""Ridge regression with its penalty chosen by leave-one-out error, from one eigendecomposition.
-
-The estimate of scikit-learn's ``RidgeCV(alphas=...)`` with ``cv=None`` (efficient leave-one-out,
-one penalty for all targets, the intercept unpenalised), computed in the eigenbasis of the
-centred inputs: each penalty then costs a pass over an n x r basis (r = min(n, d)), where
-RidgeCV's covariance mode forms a d x d matrix and multiplies it through the n x d inputs for
-each one. Fit sets 2^M - 2 such paths (the experts' and the subset posterior's): on the
-646-feature six-view table they took 4.9 s of a 28 s fit with RidgeCV.
-"""
+"""Ridge regression with its penalty chosen by leave-one-out error, from one eigendecomposition."""
 
 from __future__ import annotations
 
@@ -19,6 +11,11 @@ def ridge_loo(x: np.ndarray, y: np.ndarray, alphas: np.ndarray) -> tuple[np.ndar
     """(coefficients (D, d), intercept (D,), penalty) of the ridge regression of ``y`` (n, D) on
     ``x`` (n, d) whose penalty among ``alphas`` (all > 0) has the lowest mean squared
     leave-one-out error over every row and target; ties go to the first.
+
+    The estimate of scikit-learn's ``RidgeCV(alphas=alphas)`` (``cv=None``, the intercept
+    unpenalised), computed in the eigenbasis of the centred inputs, where each penalty costs a
+    pass over an n x min(n, d) basis: RidgeCV's decomposition of the n x (d + 1) inputs made the
+    2^M - 2 linear paths of a fit on 646 features 4.9 s of its 28 s (now 1.2 s).
 
     With X and y centred, the fitted values are B diag(g) B^T y, the leverages 1/n + (B ** 2) g
     (1/n: the intercept's) and the coefficients C diag(1 / (s + alpha)) B^T y, where
