@@ -9,6 +9,7 @@ one-view cross-modal MSE of each (quality must not move beyond seed noise).
 Usage::
 
     python benchmarks/fit_speed.py --threads 1 --baseline 7f5cfaa --tables digits6 cancer --seeds 0 1
+    python benchmarks/fit_speed.py --threads 1 --baseline HEAD~1 --tables mfeat-like   # the 646-feature table
 """
 
 from __future__ import annotations
