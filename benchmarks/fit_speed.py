@@ -10,6 +10,7 @@ Usage::
 
     python benchmarks/fit_speed.py --threads 1 --baseline 7f5cfaa --tables digits6 cancer --seeds 0 1
     python benchmarks/fit_speed.py --threads 1 --baseline HEAD~1 --tables mfeat-like   # the 646-feature table
+    python benchmarks/fit_speed.py --threads 1 --baseline HEAD~1 --tables nonlinear-10000  # 10^4 rows, fit_scaling.py
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ def worker(table_name: str, seed: str) -> dict:
 
     from skjnf import JNFEstimator
 
-    table = load_table(table_name, seed=0)
+    if table_name.startswith("nonlinear-"):  # nonlinear-N: N rows of fit_scaling.py's three-view table
+        from _tables import nonlinear
+
+        table = nonlinear(int(table_name.split("-")[1]), 2000)
+    else:
+        table = load_table(table_name, seed=0)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -202,9 +202,48 @@ def fused_adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Opti
     params = list(params)
     optimizer = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
     try:
-        return optimizer(params, lr=lr, weight_decay=weight_decay, fused=True)
+        adam = optimizer(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):  # older torch, or a device without the kernel
-        return optimizer(params, lr=lr, weight_decay=weight_decay)
+        adam = optimizer(params, lr=lr, weight_decay=weight_decay)
+    adam.register_step_post_hook(FlushTinyValues())
+    return adam
+
+
+#: Entries of the weights and Adam's moments below this are set to zero (:class:`FlushTinyValues`) ...
+TINY_VALUE = 1e-30
+#: ... every this many steps: between two flushes a first moment decays by at most 0.9^100 (to no
+#: less than 2.7e-35), so it never reaches float32's subnormal range (below 1.2e-38).
+FLUSH_EVERY = 100
+
+
+class FlushTinyValues:
+    """Optimizer step post-hook that zeroes the entries of the weights and of Adam's moments
+    below ``TINY_VALUE`` every ``FLUSH_EVERY`` steps.
+
+    When a weight's gradient becomes zero for good (a ReLU unit no row activates any more), its
+    first moment decays by β1 = 0.9 a step and turns subnormal after ~800 steps (the weight itself,
+    under weight decay, after tens of thousands); CPUs compute on subnormal floats many times
+    slower. On 10^5 rows of the three-view table 46 % of stage 1's first moments were subnormal
+    by epoch 6, and each epoch after the first took 8.6 s instead of 4.7 (stage 2: 13.8 s instead
+    of 10.3). Zeroing them changes an update by at most ``lr * TINY_VALUE / eps`` (1e-25). Done on
+    the data rather than through the CPU's flush-to-zero mode (``torch.set_flush_denormal``),
+    which is process-wide state, set per thread.
+    """
+
+    def __init__(self, every: int = FLUSH_EVERY, tiny: float = TINY_VALUE):
+        self.every, self.tiny, self.steps = every, tiny, 0
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        self.steps += 1
+        if self.steps % self.every:
+            return
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    state = optimizer.state.get(param, {})
+                    for values in (param, state.get("exp_avg"), state.get("exp_avg_sq")):
+                        if values is not None:
+                            values.masked_fill_(values.abs() < self.tiny, 0.0)
 
 
 class _StopStage(Exception):

@@ -119,6 +119,40 @@ def test_fused_adam_makes_the_same_updates_as_adam():
         assert (p - start).abs().min() > 0.01  # five steps of lr 0.01 moved every entry
 
 
+def test_adam_moments_of_a_weight_whose_gradient_stopped_never_turn_subnormal():
+    # A weight whose gradient becomes zero for good (a dead ReLU unit) keeps a first moment that
+    # decays by 0.9 a step: 0.1 * 0.9**899 ~ 8e-43 after 900 steps, a float32 subnormal, on which
+    # CPUs compute many times slower. The optimizer zeroes it instead; a live weight is untouched.
+    param, copy = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    ours, plain = training.fused_adam([param], lr=1e-3), torch.optim.Adam([copy], lr=1e-3)
+    for step in range(900):
+        grad = torch.tensor([1.0 if step == 0 else 0.0, 1.0])
+        param.grad, copy.grad = grad.clone(), grad.clone()
+        ours.step()
+        plain.step()
+    tiny = torch.finfo(torch.float32).tiny
+    assert 0 < plain.state[copy]["exp_avg"][0] < tiny  # the premise: plain Adam's moment is subnormal
+    assert ours.state[param]["exp_avg"][0] == 0
+    torch.testing.assert_close(ours.state[param]["exp_avg"][1], plain.state[copy]["exp_avg"][1])
+    torch.testing.assert_close(ours.state[param]["exp_avg_sq"], plain.state[copy]["exp_avg_sq"])
+    torch.testing.assert_close(param, copy)
+
+
+def test_a_dead_weight_under_weight_decay_never_turns_subnormal():
+    # AdamW with lr 0.5 and decay 1 halves a weight without gradient each step: 0.5**140 ~ 7e-43.
+    param, copy = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+    ours = training.fused_adam([param], lr=0.5, weight_decay=1.0)
+    plain = torch.optim.AdamW([copy], lr=0.5, weight_decay=1.0)
+    for _ in range(140):
+        grad = torch.tensor([0.0, 1.0])
+        param.grad, copy.grad = grad.clone(), grad.clone()
+        ours.step()
+        plain.step()
+    assert 0 < copy[0] < torch.finfo(torch.float32).tiny  # the premise
+    assert param[0] == 0
+    torch.testing.assert_close(param[1], copy[1])
+
+
 def _joint_state(module):
     return {n: p.detach().clone() for part in module.joint_parts() for n, p in part.named_parameters()}
 
