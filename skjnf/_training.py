@@ -197,7 +197,8 @@ def fused_adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Opti
     this torch and device have one (CPU since torch 2.4).
 
     Same update as the default implementation; on CPU it is ~10x faster per step, which for
-    JNF's 0.5-2M parameters and small batches is a third of the training time.
+    JNF's 0.5-2M parameters and small batches is a third of the training time. Its moments and
+    weights are kept out of float32's slow subnormal range (:class:`FlushTinyValues`).
     """
     params = list(params)
     optimizer = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
