@@ -96,7 +96,8 @@ def _mfeat_like_views() -> tuple[dict[str, np.ndarray], np.ndarray]:
     images, n = digits.images, len(digits.images)
     big = zoom(images, (1, 2, 2), order=1)
     flat = images.reshape(n, -1)
-    _, _, axes = np.linalg.svd(flat - flat.mean(0), full_matrices=False)
+    centred = flat - flat.mean(0)
+    _, _, axes = np.linalg.svd(centred, full_matrices=False)
     rows, cols = images.mean(axis=2), images.mean(axis=1)
     ink = images.sum(axis=(1, 2)) + 1e-9
     grid = np.arange(8.0)
@@ -106,7 +107,7 @@ def _mfeat_like_views() -> tuple[dict[str, np.ndarray], np.ndarray]:
     views = {
         "pixels": big.reshape(n, -1),
         "fourier": np.abs(np.fft.rfft2(big)).reshape(n, -1),
-        "karhunen": (flat - flat.mean(0)) @ axes.T,
+        "karhunen": centred @ axes.T,
         "gradient": np.hstack([np.diff(images, axis=1).reshape(n, -1), np.diff(images, axis=2).reshape(n, -1)]),
         "profiles": (rows[:, :, None] * cols[:, None, :]).reshape(n, -1),
         "morphology": np.column_stack([ink, cy, cx, sy, sx, (images > 8).sum(axis=(1, 2))]),

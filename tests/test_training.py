@@ -454,9 +454,9 @@ class _OwnTrainTrunk(_ModeRecordingTrunk):
 
 @pytest.mark.parametrize("trunk", [_ModeRecordingTrunk, _OwnTrainTrunk])
 def test_training_steps_run_in_train_mode_and_validation_in_eval_mode(views, trunk, monkeypatch):
-    """The stage module sets modes from a flat list of its submodules: catches a submodule left
-    out of the list (the dropout layer inside a user's trunk keeps the wrong mode), a user's own
-    ``train`` not called, or validation run in train mode."""
+    """The stage module switches its submodules' modes only when the mode changes: catches a
+    submodule left out of the switch (the dropout layer inside a user's trunk keeps the wrong
+    mode), a user's own ``train`` not called, or validation run in train mode."""
     trunk.modes.clear()
     original = training.StageNet.validation_step
 
