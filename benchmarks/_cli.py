@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -23,14 +24,20 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def stage_record(model) -> dict:
-    """Each stage's epochs and mean seconds per epoch (skorch's ``dur``) of a fitted JNFEstimator,
-    [stage 1, stage 2], and the seconds of both training loops together."""
+def stage_record(model, n_rows: int) -> dict:
+    """Each stage's epochs and mean seconds per epoch (skorch's ``dur``) of a JNFEstimator fitted
+    on ``n_rows`` rows, [stage 1, stage 2], the seconds of both training loops together, and what
+    its compute floor needs: the parameters each stage trains and the rows an epoch trains on."""
     durations = [[row["dur"] for row in model.history_[stage]["epochs"]] for stage in ("joint", "flows")]
     return {
         "epochs": [len(d) for d in durations],
         "epoch_s": [sum(d) / max(len(d), 1) for d in durations],
         "loops_s": sum(sum(d) for d in durations),
+        "stage_parameters": [
+            sum(p.numel() for part in parts for p in part.parameters())
+            for parts in (model.module_.joint_parts(), model.module_.expert_parts())
+        ],
+        "train_rows": n_rows - math.ceil(model.validation_fraction * n_rows),
     }
 
 

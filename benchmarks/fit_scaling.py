@@ -46,7 +46,7 @@ def worker(n_rows: int) -> dict:
         warnings.simplefilter("ignore")
         model = JNFEstimator(random_state=0).fit(X)
     fit_s = time.perf_counter() - start
-    record = stage_record(model)
+    record = stage_record(model, n_rows)
     return {
         "n_rows": n_rows,
         "fit_s": fit_s,

@@ -3,8 +3,9 @@
 Each (table, seed) is fitted by both versions at their defaults, one process at a time and
 alternating, so that both see the same machine: the baseline is checked out in a temporary git
 worktree and imported from there. Reported per table: the median fit time of each version and
-their ratio, each stage's epochs and seconds per epoch, and the held-out log-likelihood and
-one-view cross-modal MSE of each (quality must not move beyond seed noise).
+their ratio, each stage's epochs and seconds per epoch, each version's fit over its compute floor
+(6 FLOP per trained parameter per row and epoch at the matmul rate measured at the start), and the
+held-out log-likelihood and one-view cross-modal MSE of each (quality must not move beyond seed noise).
 
 Usage::
 
@@ -30,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _cli import benchmark_parser, set_threads, stage_record, worker_call  # noqa: E402
+from _report import calibrate, compute_floor_s  # noqa: E402
 
 
 def worker(table_name: str, seed: str) -> dict:
@@ -61,7 +63,7 @@ def worker(table_name: str, seed: str) -> dict:
     return {
         "skjnf": skjnf.__file__,
         "fit_s": fit_s,
-        **stage_record(model),
+        **stage_record(model, len(next(iter(table.train.values())))),
         "log_likelihood": log_likelihood,
         "mse_one_view": float(np.mean(errors)),
     }
@@ -76,11 +78,13 @@ def run(source: Path, table: str, seed: int, threads: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def report(results: dict, baseline: str) -> str:
+def report(results: dict, baseline: str, gflops: float) -> str:
+    """One row per table; "fit / floor" divides each fit by its compute floor (`_report.compute_floor_s`:
+    6 FLOP per trained parameter per training row per epoch, at the matmul rate measured at the start)."""
     lines = [
         f"| table | fit (s), {baseline} | fit (s), now | speed-up | epochs then / now | s per epoch (stage 1, 2) "
-        "then / now | held-out LL then / now | MSE one view then / now |",
-        "|---|---|---|---|---|---|---|---|",
+        "then / now | fit / floor then / now (floor s) | held-out LL then / now | MSE one view then / now |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for table, sides in results.items():
         then, now = sides["baseline"], sides["current"]
@@ -92,12 +96,20 @@ def report(results: dict, baseline: str) -> str:
         def epochs(side):
             return "+".join(str(round(statistics.mean(r["epochs"][i] for r in side))) for i in (0, 1))
 
+        def floor(side):
+            return statistics.mean(
+                compute_floor_s(r["stage_parameters"], r["train_rows"], r["epochs"], gflops) for r in side
+            )
+
+        floors = [floor(side) for side in (then, now)]
+
         def per_epoch(side):
             return ", ".join(f"{statistics.mean(r['epoch_s'][i] for r in side):.3f}" for i in (0, 1))
 
         lines.append(
             f"| {table} ({len(now)} seeds) | {fit[0]:.1f} | {fit[1]:.1f} | {fit[0] / fit[1]:.2f}× | "
             f"{epochs(then)} / {epochs(now)} | {per_epoch(then)} / {per_epoch(now)} | "
+            f"{fit[0] / floors[0]:.2f} / {fit[1] / floors[1]:.2f} ({floors[0]:.1f} / {floors[1]:.1f}) | "
             f"{mean(then, 'log_likelihood'):.2f} / {mean(now, 'log_likelihood'):.2f} | "
             f"{mean(then, 'mse_one_view'):.3f} / {mean(now, 'mse_one_view'):.3f} |"
         )
@@ -118,6 +130,8 @@ def main() -> None:
         parser.error("--baseline is required")
     root = HERE.parent
     results: dict = {}
+    gflops = calibrate(args.threads)[f"gflops_{args.threads}_threads"]
+    print(f"[calibration] matmul {gflops:.0f} GFLOP/s at {args.threads} thread(s)", flush=True)
     with tempfile.TemporaryDirectory(prefix="skjnf_baseline_") as tmp:
         baseline = Path(tmp) / "tree"
         git = ["git", "-C", str(root), "worktree"]
@@ -128,11 +142,11 @@ def main() -> None:
                 for seed in args.seeds:
                     for side, source in (("baseline", baseline), ("current", root)):
                         results[table][side].append(run(source, table, seed, args.threads))
-                print(report({table: results[table]}, args.baseline).splitlines()[-1], flush=True)
+                print(report({table: results[table]}, args.baseline, gflops).splitlines()[-1], flush=True)
         finally:
             subprocess.run([*git, "remove", "--force", str(baseline)], check=True)
-    Path(args.out).write_text(json.dumps({"baseline": args.baseline, "results": results}, indent=1))
-    text = report(results, args.baseline)
+    Path(args.out).write_text(json.dumps({"baseline": args.baseline, "gflops": gflops, "results": results}, indent=1))
+    text = report(results, args.baseline, gflops)
     Path(args.out).with_suffix(".md").write_text(
         f"# Default fits, this tree against {args.baseline} (`benchmarks/fit_speed.py --threads {args.threads}`)"
         f"\n\n{text}\n"
