@@ -33,6 +33,14 @@ def stage_record(model, n_rows: int) -> dict:
         "epochs": [len(d) for d in durations],
         "epoch_s": [sum(d) / max(len(d), 1) for d in durations],
         "loops_s": sum(sum(d) for d in durations),
+        **floor_counts(model, n_rows),
+    }
+
+
+def floor_counts(model, n_rows: int) -> dict:
+    """What a fit's compute floor (``_report.compute_floor_s``) counts: the parameters each stage of
+    a JNFEstimator fitted on ``n_rows`` rows trains, and the rows an epoch trains on."""
+    return {
         "stage_parameters": [
             sum(p.numel() for part in parts for p in part.parameters())
             for parts in (model.module_.joint_parts(), model.module_.expert_parts())

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from _cli import floor_counts
 from _tables import Table, bayes_predict
 from _timing import fastest_chunking, timed
 
@@ -207,12 +208,7 @@ def run_ours(ds: Table, args) -> tuple[dict, dict]:
     out["joint_ll_mean"] = float(np.mean(ll))
     out["joint_ll_floor"] = decoder_floor(est, test, args)
     out["n_parameters"] = int(sum(p.numel() for p in est.module_.parameters()))
-    out["stage_parameters"] = [
-        sum(p.numel() for part in parts for p in part.parameters())
-        for parts in (est.module_.joint_parts(), est.module_.expert_parts())
-    ]
-    n_rows = len(next(iter(ds.train.values())))
-    out["train_rows"] = n_rows - math.ceil(args.validation_fraction * n_rows)  # the rows each epoch trains on
+    out.update(floor_counts(est, len(next(iter(ds.train.values())))))
     torch.set_num_threads(args.threads)
     return out, preds
 
